@@ -1,0 +1,406 @@
+"""
+Tokens and batches: the two corpora, a byte-level BPE tokenizer trained here, token files on
+disk, the chat format, and batches.
+
+The embedded default needs no network: both corpora come from the Python that runs this file.
+  generic text: the standard library's docstrings and comments, and the pydoc topics (English prose)
+  domain text:  the standard library's Python source, tests excluded (as Codex continued GPT-3 on code)
+Both are split into train and validation by file, the same split for both, so no validation
+file's docstrings leak into the generic training set.
+
+The tokenizer is byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) with GPT-4's
+regex pre-split, trained by `train_bpe` below and saved to one JSON file; `load_tokenizer` turns
+that file into a `tiktoken.Encoding`, so encoding runs at tiktoken's speed. `bpe_encode` is the
+same algorithm in a few lines of Python, the reference the tests hold tiktoken to.
+
+    python data.py                                              # the embedded default
+    python data.py --generic_corpus notes/ --domain_corpus src/  # your own files or folders
+"""
+import argparse
+import ast
+import base64
+import hashlib
+import heapq
+import io
+import json
+import os
+import sysconfig
+import time
+import tokenize
+from collections import Counter, defaultdict
+
+import numpy as np
+import regex  # installed with tiktoken; unlike `re` it knows \p{L} (letters) and \p{N} (digits)
+import tiktoken
+import torch
+from tqdm import tqdm
+
+# GPT-4's pre-split (cl100k_base): contractions, words with one leading non-letter, numbers of up
+# to 3 digits, punctuation runs, newlines, spaces. BPE never merges across these chunks, so a
+# token never spans a word and its neighbour's space.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END)  # documents end with EOT; chats use the other three
+VAL_EVERY = 20  # one file in 20 goes to validation
+
+# -----------------------------------------------------------------------------
+# corpora: {"train": [documents], "val": [documents]}
+
+
+def is_val(name):
+    """The split, by a hash of the file's name: stable across machines and runs."""
+    return int(hashlib.md5(name.encode()).hexdigest(), 16) % VAL_EVERY == 0
+
+
+def stdlib_sources():
+    """(relative path, source) for the standard library's Python files, tests excluded."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idle_test")
+                             and not d.startswith("test_"))
+        for name in sorted(filenames):
+            if name.endswith(".py") and not name.startswith("test_"):
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    out.append((os.path.relpath(path, root), f.read()))
+    return out
+
+
+def prose_of(source):
+    """The English in a Python file: its docstrings and comments, in source order."""
+    pieces = []  # (line, text)
+    try:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and node.body:
+                    pieces.append((node.body[0].lineno, doc))
+        comment, last = [], -2
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type != tokenize.COMMENT:
+                continue
+            text = tok.string.lstrip("#").strip()
+            if not regex.search(r"\p{L}", text) or text.startswith("!"):  # rulers, shebangs
+                continue
+            if tok.start[0] != last + 1 and comment:  # a gap ends a paragraph of comments
+                pieces.append((comment[0][0], " ".join(t for _, t in comment)))
+                comment = []
+            comment.append((tok.start[0], text))
+            last = tok.start[0]
+        if comment:
+            pieces.append((comment[0][0], " ".join(t for _, t in comment)))
+    except (SyntaxError, tokenize.TokenError, ValueError):  # a few stdlib files are deliberately broken
+        pass
+    return "\n\n".join(text for _, text in sorted(pieces, key=lambda p: p[0]))
+
+
+def default_corpora():
+    """The embedded default, built from this Python installation (about 4 MB and 12 MB)."""
+    import pydoc_data.topics
+    generic, domain = {"train": [], "val": []}, {"train": [], "val": []}
+    for name, source in stdlib_sources():
+        split = "val" if is_val(name) else "train"
+        domain[split].append(source)
+        prose = prose_of(source)
+        if prose:
+            generic[split].append(prose)
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        generic["val" if is_val(f"pydoc:{name}") else "train"].append(text)
+    return {"generic": generic, "domain": domain}
+
+
+def read_corpus(path):
+    """A user corpus: one text file, or a folder of them (files that are not UTF-8 are skipped).
+    A folder splits by file like the default; a single file gives its last lines to validation."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"corpus not found: {path}")
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    docs = {}
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            docs[os.path.relpath(file, path) if file != path else os.path.basename(file)] = text
+    if not docs:
+        raise ValueError(f"corpus {path} has no text: no non-empty UTF-8 file in it")
+    corpus = {"train": [], "val": []}
+    for name, text in docs.items():
+        corpus["val" if is_val(name) else "train"].append(text)
+    if not corpus["train"] or not corpus["val"]:  # too few files to split by file: split by lines
+        corpus = {"train": [], "val": []}
+        for text in docs.values():
+            lines = text.splitlines(keepends=True)
+            cut = len(lines) - max(1, len(lines) // VAL_EVERY)
+            corpus["train"].append("".join(lines[:cut]))
+            corpus["val"].append("".join(lines[cut:]))
+    return corpus
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer: byte-level BPE
+
+
+def train_bpe(docs, vocab_size):
+    """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
+
+    Counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is one word
+    with weight 10,000), and each merge updates the pair counts only of the words that contain the
+    merged pair, found through an index from pair to words; a heap gives the most frequent pair.
+    Ties break toward the smallest pair of ids, so training is deterministic."""
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if n_merges < 0:
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
+    pattern = regex.compile(SPLIT_PATTERN)
+    counts = Counter()
+    for doc in tqdm(docs, desc="pre-split", leave=False):
+        counts.update(pattern.findall(doc))
+    words = [list(chunk.encode("utf-8")) for chunk in counts]
+    weights = list(counts.values())
+    vocab = [bytes([i]) for i in range(256)]
+    known = set(vocab)
+    pair_count, where = defaultdict(int), defaultdict(set)
+    for w, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_count[pair] += weights[w]
+            where[pair].add(w)
+    heap = [(-count, pair) for pair, count in pair_count.items()]
+    heapq.heapify(heap)
+    progress = tqdm(total=n_merges, desc="bpe merges", leave=False)
+    while len(vocab) < 256 + n_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if -neg_count != pair_count.get(pair) or -neg_count < 2:
+            continue  # a stale heap entry (the count changed since), or not worth a token
+        token = vocab[pair[0]] + vocab[pair[1]]
+        del pair_count[pair]
+        if token in known:
+            # the same bytes were already reached by another pair ((ab, c) vs (a, bc)); tiktoken
+            # maps bytes to one id, so a second id for them could never be produced
+            continue
+        new_id = len(vocab)
+        vocab.append(token)
+        known.add(token)
+        progress.update()
+        changed = set()
+        for w in where.pop(pair):
+            word, weight = words[w], weights[w]
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+                    merged.append(new_id)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            if len(merged) == len(word):
+                continue  # the index is allowed to be stale: this word lost the pair earlier
+            for p in zip(word, word[1:]):
+                pair_count[p] -= weight
+                changed.add(p)
+            for p in zip(merged, merged[1:]):
+                pair_count[p] += weight
+                where[p].add(w)
+                changed.add(p)
+            words[w] = merged
+        for p in changed:
+            if p != pair and pair_count.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+        pair_count.pop(pair, None)
+    progress.close()
+    return vocab[256:]
+
+
+def save_tokenizer(path, merged_tokens):
+    state = dict(pattern=SPLIT_PATTERN, special_tokens=list(SPECIAL_TOKENS),
+                 merged_tokens=[base64.b64encode(t).decode("ascii") for t in merged_tokens])
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def tokenizer_ranks(path):
+    """(mergeable ranks {bytes: id}, special tokens {str: id}, pattern) from a tokenizer file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path} (run `python data.py` to train it)")
+    with open(path) as f:
+        state = json.load(f)
+    ranks = {bytes([i]): i for i in range(256)}
+    for token in state["merged_tokens"]:
+        ranks[base64.b64decode(token)] = len(ranks)
+    specials = {s: len(ranks) + i for i, s in enumerate(state["special_tokens"])}
+    return ranks, specials, state["pattern"]
+
+
+def load_tokenizer(path):
+    """The trained tokenizer as a tiktoken.Encoding. Its name carries a hash of the file, which
+    checkpoints and token files record, so a mismatched vocabulary is caught at load time."""
+    ranks, specials, pattern = tokenizer_ranks(path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return tiktoken.Encoding(name=f"bpe-{len(ranks) + len(specials)}-{digest}", pat_str=pattern,
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
+def bpe_encode(text, ranks, specials, pattern=SPLIT_PATTERN):
+    """The reference encoder, slowly, in Python: split out special tokens, pre-split the rest
+    with the regex, then in each chunk keep merging the adjacent pair whose merged bytes have
+    the lowest rank (the earliest-learned merge), leftmost first, until no pair is a token."""
+    ids = []
+    special_split = "(" + "|".join(regex.escape(s) for s in specials) + ")"
+    for part in regex.split(special_split, text):
+        if part in specials:
+            ids.append(specials[part])
+            continue
+        for chunk in regex.findall(pattern, part):
+            pieces = [bytes([b]) for b in chunk.encode("utf-8")]
+            while len(pieces) > 1:
+                rank, i = min((ranks.get(pieces[i] + pieces[i + 1], float("inf")), i) for i in range(len(pieces) - 1))
+                if rank == float("inf"):
+                    break
+                pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+            ids.extend(ranks[p] for p in pieces)
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# token files: one flat array per split, read back by np.memmap
+
+
+def write_tokens(enc, docs, path):
+    """Tokenize documents, each followed by EOT, into one flat file; returns (tokens, bytes)."""
+    eot = enc.encode_single_token(EOT)
+    dtype = np.uint16 if enc.n_vocab < 2**16 else np.uint32
+    n_tokens = 0
+    with open(f"{path}.tmp", "wb") as f:
+        for start in range(0, len(docs), 256):
+            batch = enc.encode_ordinary_batch(docs[start:start + 256], num_threads=os.cpu_count() or 1)
+            for ids in batch:
+                np.asarray(ids + [eot], dtype=dtype).tofile(f)
+                n_tokens += len(ids) + 1
+    os.replace(f"{path}.tmp", path)
+    return n_tokens, sum(len(d.encode("utf-8")) for d in docs)
+
+
+def load_tokens(data_dir, split, enc):
+    """The memory-mapped tokens of one split, after checking they were made by this tokenizer."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no token files in {data_dir} (run `python data.py` first)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["tokenizer"] != enc.name:
+        raise ValueError(f"{data_dir} was tokenized with {meta['tokenizer']}, but the current tokenizer is "
+                         f"{enc.name}: run `python data.py` again to re-tokenize it")
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) < 2:
+        raise ValueError(f"{data_dir}/{split}.bin holds {len(data)} tokens: the corpus is empty")
+    return data
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of block_size + 1 tokens: inputs and next-token targets."""
+    if len(data) <= block_size:
+        raise ValueError(f"only {len(data)} tokens, but a window needs block_size + 1 = {block_size + 1}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    windows = torch.from_numpy(np.stack([data[s:s + block_size + 1].astype(np.int64) for s in starts]))
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
+# -----------------------------------------------------------------------------
+# the chat format, the same for every stage after pretraining:
+#   <|endoftext|> <|user|> request <|assistant|> response <|end|>
+
+
+def encode_chat(enc, prompt, response=None):
+    """Tokens of one exchange, and a mask that is 1 exactly on the tokens the assistant writes
+    (its response and the end token). Without a response: the prompt, ready for generation."""
+    tokens = [enc.encode_single_token(EOT), enc.encode_single_token(USER), *enc.encode_ordinary(prompt),
+              enc.encode_single_token(ASSISTANT)]
+    mask = [0] * len(tokens)
+    if response is not None:
+        answer = enc.encode_ordinary(response) + [enc.encode_single_token(END)]
+        tokens += answer
+        mask += [1] * len(answer)
+    return tokens, mask
+
+
+def chat_batch(examples, pad_id, device):
+    """Right-pad (tokens, mask) pairs into inputs and targets (B, T-1); a target is -1, i.e. not
+    trained on, unless the mask marks it as the assistant's. Right padding needs no attention
+    mask: causal attention never lets a real token see the padding after it."""
+    T = max(len(tokens) for tokens, _ in examples)
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (tokens, mask) in enumerate(examples):
+        x[i, :len(tokens)] = torch.tensor(tokens)
+        y[i, :len(tokens)] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(tokens), -1)
+    return x[:, :-1].to(device), y[:, 1:].to(device)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="build the corpora, train the tokenizer, write token files")
+    parser.add_argument("--out_dir", default="out", help="writes tokenizer.json and data/{generic,domain}/ here")
+    parser.add_argument("--generic_corpus", default=None, help="file or folder of generic text (default: stdlib prose)")
+    parser.add_argument("--domain_corpus", default=None, help="file or folder of domain text (default: stdlib source)")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="bytes + merges + special tokens")
+    parser.add_argument("--max_chars", type=int, default=0, help="use only this many characters of each corpus (0: all)")
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    t0 = time.time()
+    corpora = default_corpora() if args.generic_corpus is None or args.domain_corpus is None else {}
+    if args.generic_corpus:
+        corpora["generic"] = read_corpus(args.generic_corpus)
+    if args.domain_corpus:
+        corpora["domain"] = read_corpus(args.domain_corpus)
+    if args.max_chars:
+        for corpus in corpora.values():
+            for split, docs in corpus.items():
+                kept, total = [], 0
+                limit = args.max_chars if split == "train" else max(1, args.max_chars // VAL_EVERY)
+                for doc in docs:
+                    if total >= limit:
+                        break
+                    kept.append(doc[:limit - total])
+                    total += len(kept[-1])
+                corpus[split] = kept
+    summary = dict(corpora={}, corpus_seconds=round(time.time() - t0, 1))
+
+    tokenizer_path = os.path.join(args.out_dir, "tokenizer.json")
+    if not os.path.exists(tokenizer_path):  # the tokenizer sees both training splits, never validation
+        t0 = time.time()
+        merged = train_bpe(corpora["generic"]["train"] + corpora["domain"]["train"], args.vocab_size)
+        save_tokenizer(tokenizer_path, merged)
+        summary["tokenizer_seconds"] = round(time.time() - t0, 1)
+        print(f"trained the tokenizer: {256 + len(merged)} byte tokens and merges in {summary['tokenizer_seconds']}s")
+    enc = load_tokenizer(tokenizer_path)
+    summary["tokenizer"] = enc.name
+
+    for name, corpus in corpora.items():
+        data_dir = os.path.join(args.out_dir, "data", name)
+        os.makedirs(data_dir, exist_ok=True)
+        meta = dict(tokenizer=enc.name, dtype="uint16" if enc.n_vocab < 2**16 else "uint32")
+        for split, docs in corpus.items():
+            n_tokens, n_bytes = write_tokens(enc, docs, os.path.join(data_dir, f"{split}.bin"))
+            meta[split] = dict(documents=len(docs), tokens=n_tokens, bytes=n_bytes)
+            print(f"{name:>8} {split:>5}: {len(docs):5d} documents | {n_bytes / 1e6:6.2f} MB | "
+                  f"{n_tokens:10,d} tokens | {n_bytes / max(n_tokens, 1):.2f} bytes/token")
+        with open(os.path.join(data_dir, "meta.json"), "w") as f:  # written last: it marks the files complete
+            json.dump(meta, f, indent=1)
+        summary["corpora"][name] = meta
+    with open(os.path.join(args.out_dir, "data", "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)

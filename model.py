@@ -1,0 +1,387 @@
+"""
+The GPT every stage shares: a decoder-only transformer in the GPT-2 layout (Radford et al. 2019),
+written out by hand so that a student can read all of it.
+
+- token + position embeddings, pre-norm blocks of causal self-attention and MLP, a final
+  LayerNorm, and an output head tied to the token embedding (Press & Wolf 2017);
+- attention behind one function, `attention()`, with three named paths: `math` (the readable
+  reference that materializes the (T, T) score matrix), `sdpa` (PyTorch's
+  `F.scaled_dot_product_attention`) and `flash` (our fused Triton kernel, flash_attention.py);
+- batched generation with a KV cache, temperature, top-k and top-p, stopping at an end token,
+  returning each sampled token's log-probability (PPO and reranking need them);
+- an optional scalar head on the trunk (`n_scores` outputs per position) for the reward, value
+  and rule models, saved in the same checkpoint format as a language model;
+- atomic checkpoints that say which stage and which tokenizer made them.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+ATTENTION_PATHS = ("auto", "math", "sdpa", "flash")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest sequence (positions in wpe)
+    vocab_size: int = 4096
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # on embeddings and residual branches; RL stages need it at 0
+    bias: bool = False  # biases in Linear and LayerNorm: GPT-2 had them, dropping them is a bit faster
+    attn: str = "auto"  # one of ATTENTION_PATHS; "auto" takes the fastest available
+    n_scores: int = 0  # scalar outputs per position: 0 for a language model, 1 for reward/value, one per rule
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                             f"each head gets n_embd / n_head channels")
+        if self.attn not in ATTENTION_PATHS:
+            raise ValueError(f"attn must be one of {ATTENTION_PATHS}, got {self.attn!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# -----------------------------------------------------------------------------
+# attention: one function, three paths
+
+_flash_attention = None  # the kernel, imported on first use so CPU users never need Triton
+_announced = set()
+
+
+def _load_flash():
+    global _flash_attention
+    if _flash_attention is None:
+        try:
+            from flash_attention import flash_attention
+            _flash_attention = flash_attention
+        except ImportError as e:  # no triton (macOS, Windows, CPU-only installs): other paths still work
+            _flash_attention = e
+    return None if isinstance(_flash_attention, ImportError) else _flash_attention
+
+
+def resolve_attention_path(path, device):
+    """The path `attention` will take for tensors on `device`: 'auto' means the fused kernel on
+    CUDA when Triton imports, otherwise SDPA (which is also PyTorch's fastest on CPU)."""
+    if path == "auto":
+        return "flash" if device.type == "cuda" and _load_flash() is not None else "sdpa"
+    if path == "flash" and _load_flash() is None:
+        raise RuntimeError(f"attn='flash' needs Triton, which did not import: {_flash_attention}. "
+                           f"Install it (pip install triton) or use attn='sdpa'/'math'.")
+    return path
+
+
+def causal_mask(T_q, T_k, device):
+    """(T_q, T_k) bool, True where query i may see key j. Queries sit at the last T_q positions,
+    so the same mask serves training (T_q == T_k), decoding (T_q == 1) and chunked prefill."""
+    offset = T_k - T_q
+    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def attention(q, k, v, path="auto", mask=None):
+    """Causal scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017).
+    q: (B, nh, T_q, hs); k, v: (B, nh, T_k, hs) with T_q <= T_k, queries aligned to the last keys.
+    mask: optional bool (B, 1, T_q, T_k) of the keys each query may see; it replaces the causal
+    mask when a batch is left-padded (batched generation)."""
+    path = resolve_attention_path(path, q.device)
+    if path == "flash" and mask is not None:
+        path = "sdpa"  # the fused kernel knows only the causal mask; padded batches take SDPA
+    if path not in _announced:
+        _announced.add(path)
+        print(f"attention: {path} path on {q.device.type}")
+    T_q, T_k = q.size(-2), k.size(-2)
+    if path == "math":
+        # the readable reference: this materializes the (T_q, T_k) matrix of scores, so memory
+        # grows as T^2; the fused kernel computes the same thing tile by tile and never stores it
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T_q, T_k)
+        allowed = causal_mask(T_q, T_k, q.device) if mask is None else mask
+        att = att.masked_fill(~allowed, float("-inf"))
+        att = F.softmax(att.float(), dim=-1).to(q.dtype)
+        return att @ v  # (B, nh, T_q, hs)
+    if path == "sdpa":
+        if mask is None and T_q == T_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None and T_q > 1:
+            mask = causal_mask(T_q, T_k, q.device)
+        # a single query after a cache sees every key: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _flash_attention(q, k, v)
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+class KVCache:
+    """Keys and values of every layer for the positions processed so far, preallocated so that
+    each decoding step writes one position in place instead of recomputing the prefix."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k = self.v = None
+        self.pos = 0  # positions filled
+
+    def update(self, layer, k, v):
+        B, nh, T, hs = k.shape
+        if self.k is None:  # allocate on first use, in whatever dtype autocast produced
+            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+            self.v = v.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot add {T} after {self.pos}")
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        if layer == self.n_layer - 1:  # the last layer has written: the step is done
+            self.pos = end
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, T_past + T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.config, self.layer = config, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask=None, kv_cache=None):
+        B, T, C = x.size()
+        nh = self.config.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_past + T, hs)
+        # the path is read at call time, so a test can flip it on one model instance
+        y = attention(q, k, v, self.config.attn, mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache)  # pre-norm residual (GPT-2)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        # reward, value and rule models read scalars off the same trunk (InstructGPT: the SFT
+        # model with its unembedding replaced by a projection to a scalar)
+        self.score_head = nn.Linear(config.n_embd, config.n_scores) if config.n_scores else None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                # GPT-2: scale residual projections by 1/sqrt(number of residual layers)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
+        scores and weighted sum, 12 * n_layer * n_embd * T (Kaplan et al. 2020; PaLM appendix B).
+        Causal attention does half of that work, but the usual convention counts it all."""
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def trunk(self, idx, positions=None, mask=None, kv_cache=None):
+        """Final hidden states (B, T, n_embd) after ln_f. positions: (B, T) or None for 0..T-1
+        after whatever the cache holds."""
+        B, T = idx.size()
+        if positions is None:  # explicit positions come from generate(), which checks the length
+            past = kv_cache.pos if kv_cache is not None else 0
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(past, past + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, mask, kv_cache)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, positions=None, mask=None, kv_cache=None):
+        """Logits (B, T, vocab) and, given targets (B, T) with -1 where nothing is predicted,
+        the mean cross-entropy over the rest."""
+        logits = self.lm_head(self.trunk(idx, positions, mask, kv_cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def scores(self, idx):
+        """The scalar head at every position, (B, T, n_scores), in fp32."""
+        if self.score_head is None:
+            raise ValueError("this model has no scalar head (n_scores=0): it is a language model")
+        return self.score_head(self.trunk(idx)).float()
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_id=None, pad_id=0, generator=None):
+        """Continue each prompt (a list of token-id lists, lengths may differ) by up to
+        max_new_tokens tokens, all prompts in one batch with a KV cache. temperature=0 is greedy.
+
+        Prompts are left-padded so that every sequence's next token sits in the same column; a
+        mask keeps the padding out of attention and positions restart at 0 for each prompt.
+        Returns (tokens, logprobs, lengths): (B, N) new tokens with pad_id after the end token,
+        (B, N) their log-probabilities under softmax(logits / temperature) (plain softmax when
+        greedy) before any top-k/top-p truncation, i.e. under the policy itself, 0 after the end;
+        and (B,) how many tokens each response has, end token included."""
+        device = self.lm_head.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if P + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # real (non-pad) keys
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            valid[i, P - len(p):] = True
+        padded = not bool(valid[:, :P].all())
+        positions = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)  # (B, P)
+        mask = None
+        if padded:  # causal and not padding; a pad query may see itself so that no row is empty
+            mask = causal_mask(P, P, device) & valid[:, None, None, :P]
+            mask |= torch.eye(P, dtype=torch.bool, device=device)  # (B, 1, P, P)
+        cache = KVCache(self.config.n_layer, P + max_new_tokens)
+        logits = self(idx, positions=positions, mask=mask, kv_cache=cache)[0][:, -1]  # (B, vocab)
+        next_pos = positions[:, -1] + 1  # (B,)
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            logits = logits.float() / (temperature if temperature > 0 else 1.0)
+            next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            lp = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
+            tokens[:, t] = torch.where(done, pad_id, next_tok)
+            logprobs[:, t] = torch.where(done, 0.0, lp)
+            if eos_id is not None:
+                ended = ~done & (next_tok == eos_id)
+                lengths[ended] = t + 1
+                done |= ended
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            step_mask = valid[:, None, None, :P + t + 1] if padded else None  # (B, 1, 1, T_k)
+            logits = self(tokens[:, t:t + 1], positions=next_pos[:, None], mask=step_mask,
+                          kv_cache=cache)[0][:, -1]
+            next_pos += 1
+        return tokens, logprobs, lengths
+
+
+def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, vocab), already divided by the temperature.
+    top-k keeps the k most likely tokens; top-p (nucleus, Holtzman et al. 2020) keeps the smallest
+    set whose probability reaches p. Both only choose the token; they never change the reported
+    log-probability."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # mass before this token already reached p
+        drop = torch.zeros_like(drop).scatter(1, order, drop)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log p(target) per position under softmax(logits / temperature), in fp32: (B, T)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path, model, stage, tokenizer, **extra):
+    """Write atomically: to a temporary file, flushed to disk, then renamed over the old one, so
+    a run killed while saving leaves the previous checkpoint intact."""
+    ckpt = dict(stage=stage, model_args=asdict(model.config), model=model.state_dict(),
+                tokenizer=dict(name=tokenizer.name, n_vocab=tokenizer.n_vocab), **extra)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages, tokenizer=None, device="cpu"):
+    """The checkpoint dict at path, after checking it was written by one of `stages` and, when
+    given, with this tokenizer. Every way this can go wrong says what and where."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path} (run the stage that writes it first)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated or corrupt files fail in many ways inside the unpickler
+        raise CheckpointError(f"checkpoint {path} cannot be read (cut short or corrupt?): {e}") from e
+    if not isinstance(ckpt, dict) or "stage" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project")
+    if ckpt["stage"] not in stages:
+        raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this needs one of {tuple(stages)}")
+    if tokenizer is not None and (ckpt["tokenizer"]["name"], ckpt["tokenizer"]["n_vocab"]) != (tokenizer.name, tokenizer.n_vocab):
+        raise CheckpointError(
+            f"{path} was trained with tokenizer {ckpt['tokenizer']['name']} ({ckpt['tokenizer']['n_vocab']} tokens), "
+            f"but the current tokenizer is {tokenizer.name} ({tokenizer.n_vocab} tokens): another vocabulary")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu", **overrides):
+    """Build the GPT a checkpoint describes and load its weights. overrides change config fields
+    that do not touch the weights' shapes (attn, dropout)."""
+    config = GPTConfig(**{**ckpt["model_args"], **overrides})
+    model = GPT(config)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)

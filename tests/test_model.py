@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, attention, sample_next_token, token_logprobs
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    config = dict(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16, attn="math")
+    return GPT(GPTConfig(**{**config, **overrides})).eval()
+
+
+@pytest.mark.parametrize("path", ["math", "sdpa"])
+def test_future_tokens_never_change_earlier_logits(path):
+    model = tiny(attn=path)
+    idx = torch.randint(0, 61, (3, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 61, (3, 8))
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3  # and later logits do see them
+
+
+@pytest.mark.parametrize("T_q,T_k", [(17, 17), (1, 17), (5, 17)])
+def test_sdpa_matches_math_forward_and_backward(T_q, T_k):
+    q = torch.randn(2, 3, T_q, 8, requires_grad=True)
+    k = torch.randn(2, 3, T_k, 8, requires_grad=True)
+    v = torch.randn(2, 3, T_k, 8, requires_grad=True)
+    outs, grads = [], []
+    for path in ("math", "sdpa"):
+        out = attention(q, k, v, path)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for g_math, g_sdpa in zip(*grads):
+        torch.testing.assert_close(g_math, g_sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_prefill_and_decode_match_full_pass():
+    model = tiny(attn="sdpa")
+    idx = torch.randint(0, 61, (2, 12))
+    full = model(idx)[0]
+    cache = KVCache(model.config.n_layer, 12)
+    parts = [model(idx[:, :7], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(7, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def recompute_greedy(model, prompt, n, eos_id):
+    """The slow reference: the whole sequence through the model at every step, no cache."""
+    seq, lps = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0][0, -1]
+        tok = int(logits.argmax())
+        lps.append(torch.log_softmax(logits, -1)[tok].item())
+        seq.append(tok)
+        if tok == eos_id:
+            break
+    return seq[len(prompt):], lps
+
+
+@pytest.mark.parametrize("path", ["math", "sdpa"])
+def test_cached_batched_generation_equals_recompute(path):
+    model = tiny(attn=path)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2], [11]]  # different lengths: left padding and masks
+    eos_id = 13
+    tokens, logprobs, lengths = model.generate(prompts, 10, temperature=0, eos_id=eos_id, pad_id=0)
+    for i, prompt in enumerate(prompts):
+        ref_tokens, ref_lps = recompute_greedy(model, prompt, 10, eos_id)
+        n = int(lengths[i])
+        assert tokens[i, :n].tolist() == ref_tokens
+        torch.testing.assert_close(logprobs[i, :n], torch.tensor(ref_lps), rtol=1e-4, atol=1e-5)
+        assert (tokens[i, n:] == 0).all() and (logprobs[i, n:] == 0).all()
+
+
+def test_generation_stops_at_the_end_token():
+    model = tiny()
+    prompts = [[1, 2], [4], [9, 9, 9]]
+    free, _, _ = model.generate(prompts, 8, temperature=0)  # no end token: all 8 tokens
+    eos_id = int(free[0, 2])  # declare the third token of the first response an end token
+    tokens, logprobs, lengths = model.generate(prompts, 8, temperature=0, eos_id=eos_id, pad_id=0)
+    for i in range(len(prompts)):
+        row = free[i].tolist()
+        n = row.index(eos_id) + 1 if eos_id in row else 8
+        assert lengths[i] == n and tokens[i, :n].tolist() == row[:n]
+        assert (tokens[i, n:] == 0).all() and (logprobs[i, n:] == 0).all()
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    assert set(sample_next_token(logits, 1.0, top_k=2).tolist()) == {0, 1}
+    probs = torch.softmax(logits[0], -1)  # 0.64, 0.24, 0.09, ...: p=0.8 needs the first two
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert set(sample_next_token(logits, 1.0, top_p=0.8).tolist()) == {0, 1}
+    assert sample_next_token(logits, 0).tolist() == [0] * 2000
+
+
+def test_sampled_logprobs_are_the_policys_not_the_truncated_ones():
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+    tokens, logprobs, _ = model.generate([[1, 2, 3]], 5, temperature=0.7, top_k=3, generator=g)
+    seq = torch.tensor([[1, 2, 3] + tokens[0].tolist()])
+    expected = token_logprobs(model(seq)[0][:, 2:-1], seq[:, 3:], temperature=0.7)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny(vocab_size=512, n_embd=32)
+    idx, targets = torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))
+    loss = model(idx, targets)[1].item()
+    assert abs(loss - math.log(512)) < 0.1
+
+
+def test_one_batch_overfits():
+    model = tiny(attn="sdpa").train()
+    idx = torch.randint(0, 61, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_ignored_targets_do_not_count():
+    model = tiny()
+    idx = torch.randint(0, 61, (2, 10))
+    targets = torch.randint(0, 61, (2, 10))
+    masked = targets.clone()
+    masked[:, :4] = -1
+    other = masked.clone()
+    logits = model(idx)[0]
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 61), targets[:, 4:].reshape(-1))
+    torch.testing.assert_close(model(idx, masked)[1], expected)
+    other[:, :4] = -1  # same ignored positions, whatever the token was
+    torch.testing.assert_close(model(idx, other)[1], expected)
+
+
+def test_score_head_reads_the_trunk():
+    model = tiny(n_scores=3)
+    scores = model.scores(torch.randint(0, 61, (2, 9)))
+    assert scores.shape == (2, 9, 3) and scores.dtype == torch.float32
+    with pytest.raises(ValueError, match="no scalar head"):
+        tiny().scores(torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad,match", [(dict(n_embd=30, n_head=4), "divisible"), (dict(attn="fast"), "attn"),
+                                       (dict(n_layer=0), "positive")])
+def test_bad_configs_are_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**bad)
+
+
+def test_too_long_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="block_size"):
+        tiny()(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        tiny().generate([[1] * 30], 5)

@@ -1,0 +1,154 @@
+"""Pretraining end to end on a tiny corpus, in subprocesses, as a user runs it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+import torch
+
+from data import load_tokenizer, prose_of, save_tokenizer, train_bpe
+from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STDLIB = sysconfig.get_paths()["stdlib"]
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--total_batch_tokens", "128", "--warmup_steps", "5", "--lr", "3e-3", "--eval_batches", "4",
+        "--log_interval", "1", "--preset", "quick"]
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """data.py on a small corpus of our own: 30 stdlib modules, their prose and their source."""
+    root = tmp_path_factory.mktemp("pre")
+    for kind in ("generic", "domain"):
+        (root / kind).mkdir()
+    for name in sorted(os.listdir(STDLIB))[:60:2]:
+        if name.endswith(".py"):
+            with open(os.path.join(STDLIB, name)) as f:
+                source = f.read()
+            (root / "domain" / name).write_text(source)
+            (root / "generic" / f"{name}.txt").write_text(prose_of(source) or "empty")
+    run("data.py", "--out_dir", str(root), "--generic_corpus", str(root / "generic"),
+        "--domain_corpus", str(root / "domain"), "--vocab_size", "400")
+    return root
+
+
+def pretrain(prepared, out_dir, *extra, check=True):
+    return run("pretrain.py", *TINY, "--data", str(prepared / "data" / "domain"), "--tokenizer",
+               str(prepared / "tokenizer.json"), "--out_dir", str(out_dir), *extra, check=check)
+
+
+def val_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+
+
+def test_tiny_pretraining_lowers_validation_loss(prepared, tmp_path):
+    pretrain(prepared, tmp_path / "run", "--max_steps", "60", "--eval_interval", "30")
+    losses = val_losses(tmp_path / "run")
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.5
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["tok_per_s"] > 0 and 0 < summary["mfu"] < 1
+
+
+def test_init_from_continues_the_parent_and_inherits_its_shape(prepared, tmp_path):
+    pretrain(prepared, tmp_path / "parent", "--max_steps", "20", "--eval_interval", "20")
+    result = pretrain(prepared, tmp_path / "child", "--max_steps", "1", "--eval_interval", "1",
+                      "--init_from", str(tmp_path / "parent" / "ckpt.pt"), "--n_layer", "3")
+    assert "model shape inherited" in result.stdout and "n_layer=1" in result.stdout
+    # the child's first validation is the parent's last: same weights, same batches
+    assert val_losses(tmp_path / "child")[0] == pytest.approx(val_losses(tmp_path / "parent")[-1], abs=1e-6)
+
+
+def test_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path):
+    steps = ["--max_steps", "400", "--eval_interval", "100", "--save_interval", "1000"]
+    pretrain(prepared, tmp_path / "straight", *steps)
+    interrupted = tmp_path / "interrupted"
+    cmd = [sys.executable, "pretrain.py", *TINY, "--data", str(prepared / "data" / "domain"), "--tokenizer",
+           str(prepared / "tokenizer.json"), "--out_dir", str(interrupted), *steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = interrupted / "log.jsonl"
+    while not (log.exists() and log.read_text().count('"loss"') >= 20):  # well into training
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    stopped = torch.load(interrupted / "ckpt.pt", weights_only=False)
+    assert not stopped["finished"] and 20 <= stopped["step"] < 400
+    pretrain(prepared, interrupted, *steps)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(interrupted / "ckpt.pt", weights_only=False)
+    assert a["step"] == b["step"] == 400 and b["finished"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert val_losses(tmp_path / "straight") == val_losses(interrupted)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--n_embd", "30", "--n_head", "4"], "divisible"),
+    (["--init_from", "missing.pt"], "checkpoint not found"),
+])
+def test_bad_command_lines_are_clear_errors(prepared, tmp_path, extra, message):
+    result = pretrain(prepared, tmp_path / "bad", "--max_steps", "1", *extra, check=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("data.py", "--out_dir", str(tmp_path), "--generic_corpus", str(tmp_path / "empty"),
+                 "--domain_corpus", str(tmp_path / "empty"), check=False)
+    assert result.returncode != 0 and "has no text" in result.stderr
+
+
+def tiny_checkpoint(path, tokenizer_path):
+    model = GPT(GPTConfig(block_size=8, vocab_size=load_tokenizer(tokenizer_path).n_vocab, n_layer=1, n_head=1, n_embd=8))
+    save_checkpoint(path, model, "pretrain", load_tokenizer(tokenizer_path), step=1)
+    return model
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(prepared, tmp_path):
+    other = tmp_path / "other.json"
+    save_tokenizer(other, train_bpe(["some other text entirely"], 270))
+    tiny_checkpoint(tmp_path / "ckpt.pt", prepared / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="another vocabulary"):
+        load_checkpoint(tmp_path / "ckpt.pt", ["pretrain"], load_tokenizer(other))
+    result = pretrain(prepared, tmp_path / "run", "--max_steps", "1", "--init_from", str(tmp_path / "ckpt.pt"),
+                      "--tokenizer", str(other), check=False)
+    assert result.returncode != 0 and "tokenized with" in result.stderr  # the token files disagree first
+
+
+def test_wrong_stage_and_cut_short_checkpoints_are_refused(prepared, tmp_path):
+    path = tmp_path / "ckpt.pt"
+    tiny_checkpoint(path, prepared / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="'pretrain' checkpoint; this needs"):
+        load_checkpoint(path, ["reward"])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut short"):
+        load_checkpoint(path, ["pretrain"])
+
+
+def test_a_run_killed_while_saving_keeps_the_previous_checkpoint(prepared, tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model = tiny_checkpoint(path, prepared / "tokenizer.json")
+
+    def dies_halfway(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt  # the process is stopped in the middle of writing
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, "pretrain", load_tokenizer(prepared / "tokenizer.json"), step=2)
+    monkeypatch.undo()
+    assert load_checkpoint(path, ["pretrain"])["step"] == 1
