@@ -29,10 +29,10 @@ from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_c
 
 # named sets of defaults; any flag given on the command line wins
 PRESETS = {
-    "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, total_batch_tokens=1024,
+    "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=4, total_batch_tokens=1024,
                   max_steps=30, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=4, log_interval=5),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, total_batch_tokens=4096,
-                max_steps=600, warmup_steps=50, lr=2e-3, eval_interval=50, eval_batches=16, log_interval=10),
+                max_steps=400, warmup_steps=40, lr=2e-3, eval_interval=50, eval_batches=16, log_interval=10),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, total_batch_tokens=2**19,
                 max_steps=5000, warmup_steps=200, lr=6e-4, eval_interval=250, eval_batches=50, log_interval=10),
 }

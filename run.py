@@ -12,6 +12,7 @@ checkpoint. Delete a stage's folder under out_dir to run it again.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,11 @@ def stage_commands(args):
                              "--init_from", f"{o}/pretrain_generic/ckpt.pt"]),
         ("pretrain_domain_scratch", ["pretrain.py", *p, *tok, "--data", f"{o}/data/domain",
                                      "--out_dir", f"{o}/pretrain_domain_scratch"]),
+        ("sft", ["sft.py", *p, *tok, "--init_from", f"{o}/pretrain_domain/ckpt.pt", "--out_dir", f"{o}/sft"]),
+        ("reward", ["reward.py", *p, *tok, "--sft", f"{o}/sft/ckpt.pt", "--out_dir", f"{o}/reward"]),
+        *[(name, ["ppo.py", *p, *tok, "--sft", f"{o}/sft/ckpt.pt", "--reward_dir", f"{o}/reward", "--generic_data",
+                  f"{o}/data/generic", "--out_dir", f"{o}/{name}", "--ptx_coef", ptx])
+          for name, ptx in (("ppo", "0"), ("ppo_ptx", str(args.ptx_coef)))],
     ]
 
 
@@ -87,12 +93,103 @@ def report_pretraining(o, timings):
     return lines
 
 
+def pct(x):
+    return f"{x * 100:.1f}%"
+
+
+def report_sft(o, timings):
+    s = read_json(f"{o}/sft/summary.json")
+    h, d = s["heldout_comp"], s["demonstrations"]
+    lines = ["## Supervised fine-tuning", "",
+             f"Greedy pass@1 on {s['n_eval']} prompts of each split (hidden tests, sandboxed). Held-out "
+             "compositions are operation combinations never seen in training; held-out phrasings are sentence "
+             "frames never seen in training.", "",
+             "| model | held-out compositions | held-out phrasings | train split (new prompts) | rule violations |",
+             "|---|---|---|---|---|",
+             f"| domain model, prompted {s['n_shots']}-shot | "
+             f"{pct(s['few_shot_base']['pass1_greedy'])} | | | |",
+             f"| SFT | {pct(h['pass1_greedy'])} | {pct(s['heldout_phrase']['pass1_greedy'])} | "
+             f"{pct(s['train_split']['pass1_greedy'])} | {pct(h['violation_rate'])} |", "",
+             f"Sampling at T=1, n={s['n_samples']} per held-out prompt: unbiased pass@k (Chen et al. 2021), and "
+             f"the sample with the highest mean token log-probability vs a random pick.", "",
+             "| k | " + " | ".join(str(k) for k in h["pass_at_k"]) + " |", "|---" * (len(h["pass_at_k"]) + 1) + "|",
+             "| pass@k | " + " | ".join(pct(v) for v in h["pass_at_k"].values()) + " |", "",
+             f"Reranked by mean log-probability: pass@1 {pct(h['pass1_reranked_logp'])}, against "
+             f"{pct(h['pass1_random_pick'])} for a random pick.", "",
+             f"Demonstrations: flaw rate {pct(d['flaw_rate'])} (configured {pct(d['flaw_rate_config'])}); they "
+             f"pass their tests {pct(d['pass_rate'])} of the time and break a rule {pct(d['violation_rate'])} of "
+             f"the time. The SFT model breaks a rule in {pct(h['violation_rate'])} of its greedy answers.", "",
+             f"SFT training {s['train_seconds']:.0f} s, evaluation {s['eval_seconds']:.0f} s "
+             f"(stage wall time {timings.get('sft', float('nan')):.0f} s).", ""]
+    return lines
+
+
+def report_reward(o, timings):
+    s = read_json(f"{o}/reward/summary.json")
+    rows = s["best_of_n"]
+    lines = ["## Reward models and best-of-n", "",
+             f"{s['n_train_prompts']} training prompts x K={s['k']} SFT samples, ranked by a simulated labeler "
+             f"({s['n_train_prompts'] * s['k'] * (s['k'] - 1) // 2} comparisons); {s['n_val_prompts']} prompts held out.",
+             "", "| measure | value |", "|---|---|",
+             f"| labelers' agreement with the gold utility (non-tied pairs) | {pct(s['labeler_agreement'])} |",
+             f"| reward model, held-out pairwise accuracy vs the labelers | {pct(s['val_acc_labeler'])} |",
+             f"| reward model, held-out pairwise accuracy vs the gold order | {pct(s['val_acc_gold'])} |"]
+    lines += [f"| rule model accuracy vs the gold checker: {rule} | {pct(acc)} |" for rule, acc in s["val_rule_acc"].items()]
+    if s["rollouts_per_s"]:
+        lines.append(f"| comparison data: SFT samples + sandbox + labels per second | {s['rollouts_per_s']:.1f} |")
+    lines += [f"| reward-model training | {s['train_seconds']:.0f} s |", "",
+              "Best-of-n on held-out prompts: drop samples the rule model flags, keep the highest preference score.", "",
+              "| n | proxy reward (RM) | gold utility | pass@1 | rule violations |", "|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['proxy_reward']:+.3f} | {r['gold_utility']:+.3f} | {pct(r['pass1'])} | "
+              f"{pct(r['violation_rate'])} |" for r in rows]
+    best_gold = max(rows, key=lambda r: r["gold_utility"])
+    if best_gold["n"] < rows[-1]["n"] and rows[-1]["proxy_reward"] > best_gold["proxy_reward"]:
+        lines += ["", f"Overoptimization: the proxy reward keeps rising up to n={rows[-1]['n']}, but the gold utility "
+                      f"peaks at n={best_gold['n']}."]
+    return lines + [""]
+
+
+def report_ppo(o, timings):
+    runs = {name: read_json(f"{o}/{name}/summary.json") for name in ("ppo", "ppo_ptx")}
+    bon = read_json(f"{o}/reward/summary.json")["best_of_n"]
+    sft = runs["ppo"]["sft_heldout_comp"]
+    lines = ["## RLHF with PPO", "",
+             f"Greedy answers to {len(sft['utilities'])} held-out-composition prompts, judged by the gold judge. KL to "
+             "SFT in nats per response, sampled at T=1 (for best-of-n, the analytic log n - (n-1)/n).", "",
+             "| policy | gold utility | pass@1 | rule violations | KL to SFT | win rate vs SFT |", "|---|---|---|---|---|---|",
+             f"| SFT | {sft['utility']:+.3f} | {pct(sft['pass1_greedy'])} | {pct(sft['violation_rate'])} | 0 | 50% |"]
+    n = bon[-1]
+    lines.append(f"| best-of-{n['n']} (SFT samples) | {n['gold_utility']:+.3f} | {pct(n['pass1'])} | "
+                 f"{pct(n['violation_rate'])} | {math.log(n['n']) - (n['n'] - 1) / n['n']:.2f} | |")
+    for name, s in runs.items():
+        h = s["heldout_comp"]
+        lines.append(f"| {name.replace('_', '-').upper()} (ptx {s['ptx_coef']}) | {h['utility']:+.3f} | "
+                     f"{pct(h['pass1_greedy'])} | {pct(h['violation_rate'])} | {s['kl_to_sft']:.2f} | "
+                     f"{pct(s['win_rate_vs_sft'])} |")
+    lines += ["", "Generic-text validation loss (what PPO-ptx protects):", "",
+              "| run | before PPO | after PPO |", "|---|---|---|"]
+    lines += [f"| {name} | {s['generic_val_loss_before']:.4f} | {s['generic_val_loss_after']:.4f} |" for name, s in runs.items()]
+    log = [r for r in read_log(f"{o}/ppo/log.jsonl") if "score" in r]
+    lines += ["", "PPO training curves (rollout batch means):", "",
+              "| iteration | score | RM score | KL | response length | ended | clip frac | explained var |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in log[::max(1, len(log) // 8)] + ([log[-1]] if len(log) > 1 else []):
+        lines.append(f"| {r['iteration']} | {r['score']:+.3f} | {r['rm_score']:+.3f} | {r['kl']:.3f} | "
+                     f"{r['response_len']:.1f} | {pct(r['ended'])} | {r['clip_frac']:.3f} | {r['explained_var']:+.2f} |")
+    t = runs["ppo"]["seconds"]
+    total = sum(t.values())
+    lines += ["", f"PPO time: {runs['ppo']['iterations']} iterations, {runs['ppo']['episodes']} episodes in "
+                  f"{total:.0f} s ({runs['ppo']['iterations'] / total:.2f} it/s): rollout {pct(t['rollout'] / total)}, "
+                  f"scoring {pct(t['score'] / total)}, update {pct(t['update'] / total)}.", ""]
+    return lines
+
+
 def write_report(args, timings):
     o = args.out_dir
     lines = ["# Report", "",
              f"Written by `python run.py --preset {args.preset}` on {time.strftime('%Y-%m-%d')}; "
              f"total stage wall time {sum(timings.values()) / 60:.1f} min.", ""]
-    lines += report_pretraining(o, timings)
+    lines += report_pretraining(o, timings) + report_sft(o, timings) + report_reward(o, timings) + report_ppo(o, timings)
     path = os.path.join(o, "REPORT.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -103,6 +200,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=["quick", "cpu", "gpu"], help="preset for every stage")
     parser.add_argument("--out_dir", default="out", help="every stage writes under this folder")
+    parser.add_argument("--ptx_coef", type=float, default=1.0, help="pretraining-loss weight of the PPO-ptx run")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     timings_path = os.path.join(args.out_dir, "timings.json")
