@@ -50,7 +50,8 @@ PRESETS = {
 
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean over the entries where mask is 1; whatever sits elsewhere (even inf) is never read."""
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_whiten(x, mask, eps=1e-8):
@@ -58,7 +59,7 @@ def masked_whiten(x, mask, eps=1e-8):
     not move the statistics. Masked-out entries come back as 0."""
     mean_ = masked_mean(x, mask)
     var = masked_mean((x - mean_) ** 2, mask)
-    return (x - mean_) * torch.rsqrt(var + eps) * mask
+    return torch.where(mask.bool(), (x - mean_) * torch.rsqrt(var + eps), 0.0)
 
 
 def compute_gae(rewards, values, mask, gamma, lam):
@@ -81,7 +82,7 @@ def compute_gae(rewards, values, mask, gamma, lam):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
     """The clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over response
     tokens. Also returns the fraction of tokens where the clip was active."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
@@ -94,6 +95,25 @@ def ppo_value_loss(values, old_values, returns, mask, clip):
     worse of the two taken (the PPO2 baselines; Ziegler et al. 2019 code)."""
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def sequence_score(rm_score, rule_probs, ended, rule_coef, missing_end_penalty):
+    """The reward for a whole response (B,): the preference RM's score, minus rule_coef times the
+    rule model's violation probabilities summed over rules (Sparrow's rule reward, simplified),
+    minus a fixed penalty when the response hit max_new_tokens without its end token, so that
+    rambling on is never a way to dodge a low score."""
+    return rm_score - rule_coef * rule_probs.sum(1) - missing_end_penalty * (1.0 - ended)
+
+
+def shaped_rewards(score, logprobs, ref_logprobs, mask, beta):
+    """Per-token rewards (B, T) and the per-token log-ratio to the reference: -beta * log(pi/pi_ref)
+    at every response token (Ziegler et al. 2019, eq. 2), plus the sequence score at the last
+    response token, the action after which the RM read the response. 0 outside the mask."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    rewards = -beta * log_ratio
+    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,) last response position
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += score
+    return rewards, log_ratio
 
 
 def adaptive_beta(beta, kl, target, horizon_step=0.1):
@@ -291,17 +311,14 @@ if __name__ == "__main__":
             # the RM reads the last token of prompt + response, the position it was trained on
             rm_score = last_token_scores(reward_model, seqs, pad_id, device, autocast)[:, 0]
             rule_probs = torch.sigmoid(last_token_scores(rule_model, seqs, pad_id, device, autocast))  # (B, n_rules)
-        score = rm_score - args.rule_coef * rule_probs.sum(1) - args.missing_end_penalty * (1 - ended)
-        log_ratio = (old_logprobs - ref_logprobs) * mask
-        rewards = -beta * log_ratio  # per-token KL penalty to the SFT policy (Ziegler et al. 2019, eq. 2)
-        last = torch.tensor([len(p) + len(r) - 2 for p, r in zip(prompts, responses)], device=device)
-        rewards[torch.arange(B, device=device), last] += score  # the sequence-level score, at the last action
+        score = sequence_score(rm_score, rule_probs, ended, args.rule_coef, args.missing_end_penalty)
+        rewards, log_ratio = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta)
         advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask)
         t2 = time.perf_counter()
 
         # ---------------- UPDATE ----------------
-        stats = dict(pg_loss=[], vf_loss=[], clip_frac=[], approx_kl=[], entropy=[], ptx_loss=[], ratio=[])
+        stats = dict(pg_loss=[], vf_loss=[], clip_frac=[], approx_kl=[], entropy=[], ptx_loss=[], ratio_dev=[])
         for epoch in range(args.ppo_epochs):
             if epoch > 0:
                 order = shuffle_rng.sample(range(B), B)
@@ -328,7 +345,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     log_r = (logprobs - old_logprobs[idx]) * m
                     stats["approx_kl"].append(masked_mean(torch.exp(log_r) - 1 - log_r, m).item())  # k3 estimator
-                stats["ratio"].append(masked_mean(torch.exp(log_r), m).item())
+                stats["ratio_dev"].append(((torch.exp(log_r) - 1).abs() * m).max().item())
                 stats["pg_loss"].append(pg_loss.item())
                 stats["vf_loss"].append(vf_loss.item())
                 stats["clip_frac"].append(clip_frac.item())
@@ -344,7 +361,7 @@ if __name__ == "__main__":
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
                    response_len=mask.sum(1).mean().item(), explained_var=explained_var.item(),
-                   first_ratio=stats["ratio"][0], **{k: mean(v) for k, v in stats.items() if v and k != "ratio"},
+                   first_ratio_dev=stats["ratio_dev"][0], **{k: mean(v) for k, v in stats.items() if v and k != "ratio_dev"},
                    ms_rollout=(t1 - t0) * 1000, ms_score=(t2 - t1) * 1000, ms_update=(t3 - t2) * 1000)
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "

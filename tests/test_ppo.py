@@ -1,0 +1,226 @@
+"""The ways PPO for language models goes wrong, each pinned by a test."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import encode_chat, load_tokenizer, prose_of, save_tokenizer, train_bpe, write_tokens
+from model import GPT, GPTConfig, save_checkpoint, token_logprobs
+from ppo import (compute_gae, masked_whiten, pack_rollouts, policy_logprobs, ppo_policy_loss, ppo_value_loss,
+                 sequence_score, shaped_rewards)
+from reward import last_token_scores, pairwise_loss
+from tasks import make_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def naive_gae(rewards, values, gamma, lam):
+    """One response, in plain Python, straight from the definition: the value after the end is 0."""
+    T, adv = len(rewards), [0.0] * len(rewards)
+    for t in range(T):
+        total = 0.0
+        for l in range(t, T):
+            next_v = values[l + 1] if l + 1 < T else 0.0
+            total += (gamma * lam) ** (l - t) * (rewards[l] + gamma * next_v - values[l])
+        adv[t] = total
+    return adv
+
+
+def random_mask(B, T, g):
+    """Each row: a prompt (masked out), a response of 1..n tokens, then padding."""
+    mask = torch.zeros(B, T)
+    for i in range(B):
+        start = int(torch.randint(0, T - 1, (1,), generator=g))
+        length = 1 if i == 0 else int(torch.randint(1, T - start + 1, (1,), generator=g))  # row 0: one token
+        mask[i, start:start + length] = 1
+    return mask
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_gae_matches_the_definition_and_ignores_everything_outside_the_response(gamma, lam):
+    g = torch.Generator().manual_seed(int(gamma * 100 + lam * 10))
+    B, T = 6, 12
+    rewards, values, mask = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g), random_mask(B, T, g)
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    for i in range(B):
+        idx = mask[i].nonzero().squeeze(1).tolist()
+        expected = naive_gae([rewards[i, t].item() for t in idx], [values[i, t].item() for t in idx], gamma, lam)
+        torch.testing.assert_close(adv[i, idx], torch.tensor(expected), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ret[i, idx], adv[i, idx] + values[i, idx])
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+    garbage = torch.where(mask.bool(), rewards, torch.randn(B, T) * 100), torch.where(mask.bool(), values, torch.randn(B, T) * 100)
+    adv2, ret2 = compute_gae(*garbage, mask, gamma, lam)
+    torch.testing.assert_close(adv2, adv)
+    torch.testing.assert_close(ret2, ret)
+
+
+def test_whitening_statistics_come_from_response_tokens_only():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, -50.0, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    w = masked_whiten(x, mask)
+    kept = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (kept - kept.mean()) / kept.var(unbiased=False).sqrt()
+    torch.testing.assert_close(w[mask.bool()], expected, rtol=1e-5, atol=1e-5)
+    assert (w[mask == 0] == 0).all()
+
+
+def test_clipped_policy_loss_and_gradient_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
+    adv, mask = torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3)
+    loss, clip_frac = ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    # per token: -min(r A, clip(r) A): -min(1.5, 1.2) = -1.2 (clipped), -min(0.5, 0.8) = -0.5, -min(-2.2, -2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert clip_frac.item() == pytest.approx(1 / 3)
+    loss.backward()
+    # clipped tokens get no gradient; elsewhere d(-r A)/d(log r) = -r A, over 3 tokens
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, -0.5 / 3, 2.2 / 3]]))
+
+
+def test_clipped_value_loss_and_gradient_by_hand():
+    old, ret, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    values = torch.tensor([[0.5, -0.1]], requires_grad=True)
+    loss = ppo_value_loss(values, old, ret, mask, clip=0.2)
+    # token 1: max((0.5-1)^2, (0.2-1)^2) = 0.64 (clipped, no gradient); token 2: max(0.81, 0.81) = 0.81
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.5 * 2 * (-0.1 + 1.0) / 2]]))
+
+
+def test_losses_ignore_padding():
+    g = torch.Generator().manual_seed(3)
+    mask = random_mask(4, 8, g)
+    a, b, c = (torch.randn(4, 8, generator=g) for _ in range(3))
+    noisy = [torch.where(mask.bool(), t, torch.randn(4, 8) * 50) for t in (a, b, c)]
+    assert ppo_policy_loss(a, b, c, mask, 0.2)[0] == ppo_policy_loss(*noisy, mask, 0.2)[0]
+    assert ppo_value_loss(a, b, c, mask, 0.2) == ppo_value_loss(*noisy, mask, 0.2)
+
+
+def test_kl_is_zero_against_itself_and_the_score_lands_on_the_last_response_token():
+    mask = torch.tensor([[0.0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    logprobs = torch.randn(2, 5)
+    rewards, log_ratio = shaped_rewards(torch.tensor([2.0, -1.0]), logprobs, logprobs.clone(), mask, beta=0.1)
+    assert (log_ratio == 0).all()
+    assert rewards.tolist() == [[0, 0, 0, 2.0, 0], [0, 0, -1.0, 0, 0]]
+    rewards, log_ratio = shaped_rewards(torch.zeros(2), logprobs, logprobs - 1.0, mask, beta=0.1)
+    assert torch.allclose(log_ratio, mask) and torch.allclose(rewards, -0.1 * mask)  # response tokens only
+
+
+def test_a_missing_end_token_is_penalized():
+    score = sequence_score(torch.tensor([0.5, 0.5]), torch.tensor([[0.0, 0.0], [0.0, 0.0]]),
+                           torch.tensor([1.0, 0.0]), rule_coef=1.0, missing_end_penalty=2.0)
+    assert score.tolist() == [0.5, -1.5]
+    score = sequence_score(torch.tensor([0.5]), torch.tensor([[0.25, 0.5]]), torch.tensor([1.0]), 2.0, 1.0)
+    assert score.tolist() == [0.5 - 2.0 * 0.75]
+
+
+def test_the_reward_model_reads_the_last_token_of_prompt_plus_response():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, n_scores=1)).eval()
+    torch.nn.init.normal_(model.score_head.weight)
+    seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    with torch.no_grad():
+        got = last_token_scores(model, seqs, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        for i, s in enumerate(seqs):
+            assert got[i, 0].item() == pytest.approx(model.scores(torch.tensor([s]))[0, -1, 0].item(), abs=1e-5)
+
+
+def test_rollout_layout_logprobs_match_sampling_at_the_same_temperature():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    tokens, sampled_lp, lengths = model.generate(prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+    x, targets, mask = pack_rollouts(prompts, responses, 0, torch.device("cpu"))
+    with torch.no_grad():
+        lp, _ = policy_logprobs(model, x, targets, 0.7)
+    for i, p in enumerate(prompts):  # the update scores exactly what the rollout sampled
+        torch.testing.assert_close(lp[i][mask[i].bool()], sampled_lp[i, :lengths[i]], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(lp, policy_logprobs(model, x, targets, 1.0)[0])  # the temperature matters
+    with torch.enable_grad():  # and the forward with autograd on gives the very same numbers
+        assert torch.equal(policy_logprobs(model, x, targets, 0.7)[0].detach(), lp)
+
+
+# ----------------------------------------------------------------------------- the loop end to end
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny checkpoints for every input of ppo.py. The SFT checkpoint has dropout 0.2 in its config,
+    which ppo.py must switch off. The reward model is taught a programmatic preference: responses
+    containing one of a fixed tenth of the vocabulary score higher."""
+    root = tmp_path_factory.mktemp("ppo")
+    import sysconfig
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")) as f:
+        source = f.read()
+    save_tokenizer(root / "tokenizer.json", train_bpe([source, prose_of(source)], 320))
+    enc = load_tokenizer(root / "tokenizer.json")
+    (root / "generic").mkdir()
+    for split in ("train", "val"):
+        write_tokens(enc, [prose_of(source)] * 4, str(root / "generic" / f"{split}.bin"))
+    (root / "generic" / "meta.json").write_text(json.dumps(dict(tokenizer=enc.name, dtype="uint16")))
+    shape = dict(block_size=320, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(**shape, dropout=0.2))
+    save_checkpoint(root / "sft.pt", policy, "sft", enc, step=0)
+    policy.eval()
+    prompts = [encode_chat(enc, t.prompt)[0] for t in make_tasks("train", 32, 0)]
+    rng = random.Random(0)
+    favoured = rng.sample(range(enc.n_vocab - 4), 32)  # a tenth of the ordinary tokens
+    others = [t for t in range(enc.n_vocab - 4) if t not in favoured]
+    rm = GPT(GPTConfig(**shape, n_scores=1))
+    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(250):  # a prompt and two responses, the same but for the target token in one
+        pairs = []
+        for _ in range(8):
+            without = [rng.choice(others) for _ in range(8)]
+            with_target = list(without)
+            with_target[rng.randrange(8)] = rng.choice(favoured)
+            prompt = rng.choice(prompts)
+            pairs += [prompt + with_target, prompt + without]
+        r = last_token_scores(rm, pairs, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))[:, 0]
+        loss = torch.stack([pairwise_loss(r[i:i + 2], [0, 1]) for i in range(0, len(pairs), 2)]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) / 10 < 0.2
+    save_checkpoint(root / "reward.pt", rm, "reward", enc)
+    save_checkpoint(root / "rules.pt", GPT(GPTConfig(**shape, n_scores=2)), "rules", enc)
+    return root
+
+
+def run_ppo(world, out_dir, *extra):
+    cmd = [sys.executable, "ppo.py", "--preset", "quick", "--sft", str(world / "sft.pt"), "--reward_dir", str(world),
+           "--generic_data", str(world / "generic"), "--tokenizer", str(world / "tokenizer.json"),
+           "--out_dir", str(out_dir), "--max_new_tokens", "8", "--n_eval", "4", *extra]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if os.path.exists(os.path.join(out_dir, "log.jsonl")):  # no iterations, no log
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+
+def test_first_ratio_is_exactly_one_and_first_kl_exactly_zero(world, tmp_path):
+    log = run_ppo(world, tmp_path / "run", "--iterations", "2", "--temperature", "0.7", "--ptx_coef", "0.5")
+    assert log[0]["first_ratio_dev"] == 0.0 and log[1]["first_ratio_dev"] == 0.0
+    assert log[0]["kl"] == 0.0  # the policy starts as the reference
+    assert log[1]["kl"] != 0.0 and "ptx_loss" in log[0]
+
+
+def test_the_value_model_starts_from_the_reward_model(world, tmp_path):
+    run_ppo(world, tmp_path / "run", "--iterations", "0")
+    value = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["value_model"]
+    reward = torch.load(world / "reward.pt", weights_only=False)["model"]
+    assert all(torch.equal(value[k], reward[k]) for k in reward)
+
+
+def test_ppo_raises_a_programmatic_reward(world, tmp_path):
+    log = run_ppo(world, tmp_path / "run", "--iterations", "20", "--rollout_batch", "32", "--minibatch", "16",
+                  "--ppo_epochs", "4", "--lr", "1e-2", "--beta", "0.0", "--rule_coef", "0", "--missing_end_penalty", "0")
+    first, last = sum(r["rm_score"] for r in log[:4]) / 4, sum(r["rm_score"] for r in log[-4:]) / 4
+    assert last > first + 2.0, [round(r["rm_score"], 3) for r in log]
