@@ -367,16 +367,15 @@ if __name__ == "__main__":
         corpora["generic"] = read_corpus(args.generic_corpus)
     if args.domain_corpus:
         corpora["domain"] = read_corpus(args.domain_corpus)
-    if args.max_chars:
+    if args.max_chars:  # a smaller corpus for quick runs: whole documents up to the budget, then a cut one
         for corpus in corpora.values():
             for split, docs in corpus.items():
-                kept, total = [], 0
-                limit = args.max_chars if split == "train" else max(1, args.max_chars // VAL_EVERY)
+                kept, left = [], args.max_chars if split == "train" else args.max_chars // VAL_EVERY
                 for doc in docs:
-                    if total >= limit:
+                    if left <= 0:
                         break
-                    kept.append(doc[:limit - total])
-                    total += len(kept[-1])
+                    kept.append(doc[:left])
+                    left -= len(kept[-1])
                 corpus[split] = kept
     summary = dict(corpora={}, corpus_seconds=round(time.time() - t0, 1))
 

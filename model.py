@@ -67,11 +67,12 @@ def _load_flash():
     return None if isinstance(_flash_attention, ImportError) else _flash_attention
 
 
-def resolve_attention_path(path, device):
-    """The path `attention` will take for tensors on `device`: 'auto' means the fused kernel on
-    CUDA when Triton imports, otherwise SDPA (which is also PyTorch's fastest on CPU)."""
+def resolve_attention_path(path, device, head_dim):
+    """The path `attention` will take: 'auto' means the fused kernel on CUDA when Triton imports
+    and the head size is one it was built for, otherwise SDPA (PyTorch's fastest on CPU too)."""
     if path == "auto":
-        return "flash" if device.type == "cuda" and _load_flash() is not None else "sdpa"
+        fused = device.type == "cuda" and head_dim in (16, 32, 64, 128) and _load_flash() is not None
+        return "flash" if fused else "sdpa"
     if path == "flash" and _load_flash() is None:
         raise RuntimeError(f"attn='flash' needs Triton, which did not import: {_flash_attention}. "
                            f"Install it (pip install triton) or use attn='sdpa'/'math'.")
@@ -90,7 +91,7 @@ def attention(q, k, v, path="auto", mask=None):
     q: (B, nh, T_q, hs); k, v: (B, nh, T_k, hs) with T_q <= T_k, queries aligned to the last keys.
     mask: optional bool (B, 1, T_q, T_k) of the keys each query may see; it replaces the causal
     mask when a batch is left-padded (batched generation)."""
-    path = resolve_attention_path(path, q.device)
+    path = resolve_attention_path(path, q.device, q.size(-1))
     if path == "flash" and mask is not None:
         path = "sdpa"  # the fused kernel knows only the causal mask; padded batches take SDPA
     if path not in _announced:
@@ -126,6 +127,10 @@ class KVCache:
         self.n_layer, self.max_len = n_layer, max_len
         self.k = self.v = None
         self.pos = 0  # positions filled
+
+    def keep(self, rows):
+        """Keep only these batch rows (a bool mask): sequences that ended drop out."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
     def update(self, layer, k, v):
         B, nh, T, hs = k.shape
@@ -292,22 +297,22 @@ class GPT(nn.Module):
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         logprobs = torch.zeros(B, max_new_tokens, device=device)
         lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        rows = torch.arange(B, device=device)  # the output row of each sequence still generating
         for t in range(max_new_tokens):
             logits = logits.float() / (temperature if temperature > 0 else 1.0)
-            next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
-            lp = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
-            tokens[:, t] = torch.where(done, pad_id, next_tok)
-            logprobs[:, t] = torch.where(done, 0.0, lp)
-            if eos_id is not None:
-                ended = ~done & (next_tok == eos_id)
-                lengths[ended] = t + 1
-                done |= ended
-            if bool(done.all()) or t == max_new_tokens - 1:
+            next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
+            tokens[rows, t] = next_tok
+            logprobs[rows, t] = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
+            ended = next_tok == eos_id if eos_id is not None else torch.zeros_like(next_tok, dtype=torch.bool)
+            lengths[rows[ended]] = t + 1
+            if bool(ended.all()) or t == max_new_tokens - 1:
                 break
-            step_mask = valid[:, None, None, :P + t + 1] if padded else None  # (B, 1, 1, T_k)
-            logits = self(tokens[:, t:t + 1], positions=next_pos[:, None], mask=step_mask,
-                          kv_cache=cache)[0][:, -1]
+            if bool(ended.any()):  # finished sequences leave the batch and the cache: no work on them
+                keep = ~ended
+                rows, next_tok, next_pos, valid = rows[keep], next_tok[keep], next_pos[keep], valid[keep]
+                cache.keep(keep)
+            step_mask = valid[:, None, None, :P + t + 1] if padded else None  # (b, 1, 1, T_k)
+            logits = self(next_tok[:, None], positions=next_pos[:, None], mask=step_mask, kv_cache=cache)[0][:, -1]
             next_pos += 1
         return tokens, logprobs, lengths
 

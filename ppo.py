@@ -40,11 +40,11 @@ from model import load_checkpoint, model_from_checkpoint, save_checkpoint, token
 from pretrain import StopFlag, apply_preset, configure_optimizer, log_metrics, setup_device
 from reward import last_token_scores
 from sft import evaluate_policy, mean
-from tasks import RULES, make_tasks
+from tasks import make_tasks
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
-    "cpu": dict(iterations=40, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=200),
+    "cpu": dict(iterations=30, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150),
     "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500),
 }
 
@@ -179,6 +179,7 @@ if __name__ == "__main__":
     parser.add_argument("--ptx_batch", type=int, default=4, help="generic-text sequences per ptx minibatch")
     # evaluation
     parser.add_argument("--n_eval", type=int, default=None, help="held-out prompts for the final evaluation")
+    parser.add_argument("--eval_samples", type=int, default=4, help="samples per held-out prompt in the evaluation")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
@@ -204,10 +205,8 @@ if __name__ == "__main__":
     sft_ckpt = load_checkpoint(args.sft, ["sft"], enc, device)
     reward_ckpt = load_checkpoint(os.path.join(args.reward_dir, "reward.pt"), ["reward"], enc, device)
     rules_ckpt = load_checkpoint(os.path.join(args.reward_dir, "rules.pt"), ["rules"], enc, device)
+    # a finished checkpoint resumes at its last iteration: the loop ends at once and the evaluation runs
     resume = load_checkpoint(ckpt_path, ["ppo"], enc, device) if os.path.exists(ckpt_path) else None
-    if resume is not None and resume["finished"]:
-        print(f"{ckpt_path} finished at iteration {resume['iteration']}; delete {args.out_dir} to train again")
-        raise SystemExit(0)
     policy = model_from_checkpoint(resume or sft_ckpt, device, dropout=0.0)
     reference = model_from_checkpoint(sft_ckpt, device, dropout=0.0).requires_grad_(False)
     value_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0)  # InstructGPT: value from the RM
@@ -246,31 +245,30 @@ if __name__ == "__main__":
         return mean(losses)
 
     @torch.no_grad()
-    def kl_to_reference(tasks, n_samples=4):
-        """KL(policy || SFT) per response, estimated on samples: the mean summed log-ratio."""
-        prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
-        g = torch.Generator().manual_seed(args.seed + 40)
-        jobs = [p for p in prompts for _ in range(n_samples)]
-        with autocast:
-            tokens, _, lengths = policy.generate(jobs, args.max_new_tokens, args.temperature, eos_id=end_id,
-                                                 pad_id=pad_id, generator=g)
-        responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
-        x, targets, mask = pack_rollouts(jobs, responses, pad_id, device)
-        with autocast:
-            lp, _ = policy_logprobs(policy, x, targets, args.temperature)
-            ref_lp, _ = policy_logprobs(reference, x, targets, args.temperature)
-        return ((lp - ref_lp) * mask).sum(1).mean().item()
+    def kl_to_reference(prompts, samples):
+        """KL(policy || SFT) per response, estimated on the policy's own samples: the mean over
+        samples of the summed log-ratio (the k1 estimator)."""
+        kls = []
+        for start in range(0, len(samples), 64):
+            x, targets, mask = pack_rollouts(prompts[start:start + 64], [s["tokens"] for s in samples[start:start + 64]],
+                                             pad_id, device)
+            with autocast:
+                lp, _ = policy_logprobs(policy, x, targets, args.temperature)
+                ref_lp, _ = policy_logprobs(reference, x, targets, args.temperature)
+            kls += ((lp - ref_lp) * mask).sum(1).tolist()
+        return mean(kls)
 
     def save(iteration, finished):
         save_checkpoint(ckpt_path, policy, "ppo", enc, value_model=value_model.state_dict(),
                         policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(), iteration=iteration,
-                        beta=beta, finished=finished, config=vars(args), generic_before=generic_before)
+                        beta=beta, finished=finished, config=vars(args), generic_before=generic_before,
+                        seconds=t_phase)
 
     # -----------------------------------------------------------------------------
     # the loop
     generic_before = generic_val_loss(policy) if resume is None else resume["generic_before"]
     stop = StopFlag()
-    t_phase = dict(rollout=0.0, score=0.0, update=0.0)
+    t_phase = dict(rollout=0.0, score=0.0, update=0.0) if resume is None else resume["seconds"]
     for it in tqdm(range(start, args.iterations + 1), initial=start, total=args.iterations + 1, desc="ppo",
                    dynamic_ncols=True):
         if stop.stop:
@@ -374,17 +372,21 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the final summary: the gold judge on held-out prompts
     eval_tasks = make_tasks("heldout_comp", args.n_eval, args.seed + 2)
-    ours, sft = evaluate_policy(policy, enc, eval_tasks, autocast), evaluate_policy(reference, enc, eval_tasks, autocast)
-    # the noiseless labeler prefers the higher gold utility; a tie counts half (InstructGPT's win rate)
-    win_rate = mean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours["utilities"], sft["utilities"]))
-    summary = dict(heldout_comp=ours, sft_heldout_comp=sft, win_rate_vs_sft=win_rate,
-                   train_split=evaluate_policy(policy, enc, make_tasks("train", args.n_eval, args.seed + 4), autocast),
-                   kl_to_sft=kl_to_reference(eval_tasks), generic_val_loss_before=generic_before,
-                   generic_val_loss_after=generic_val_loss(policy), ptx_coef=args.ptx_coef,
-                   seconds=t_phase, iterations=args.iterations, episodes=args.iterations * args.rollout_batch)
+    n = args.eval_samples
+    ours, samples = evaluate_policy(policy, enc, eval_tasks, autocast, n, args.temperature, args.max_new_tokens, args.seed)
+    sft, _ = evaluate_policy(reference, enc, eval_tasks, autocast, n, args.temperature, args.max_new_tokens, args.seed)
+    # the noiseless labeler prefers the higher gold utility, sample against sample; a tie counts half
+    win_rate = mean(1.0 if a > b else 0.5 if a == b else 0.0
+                    for a, b in zip(ours["sampled"]["utilities"], sft["sampled"]["utilities"]))
+    kl = kl_to_reference([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
+    summary = dict(heldout_comp=ours, sft_heldout_comp=sft, win_rate_vs_sft=win_rate, kl_to_sft=kl,
+                   train_split=evaluate_policy(policy, enc, make_tasks("train", args.n_eval, args.seed + 4), autocast)[0],
+                   generic_val_loss_before=generic_before, generic_val_loss_after=generic_val_loss(policy),
+                   ptx_coef=args.ptx_coef, seconds=t_phase, iterations=args.iterations,
+                   episodes=args.iterations * args.rollout_batch)
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    h = summary["heldout_comp"]
-    print(f"held-out: win rate vs SFT {win_rate:.1%} | pass@1 {h['pass1_greedy']:.1%} | utility {h['utility']:+.3f} | violations "
-          f"{h['violation_rate']:.1%} | KL to SFT {summary['kl_to_sft']:.2f} nats | generic val loss "
-          f"{generic_before:.4f} -> {summary['generic_val_loss_after']:.4f}")
+    h = summary["heldout_comp"]["sampled"]
+    print(f"held-out samples: win rate vs SFT {win_rate:.1%} | pass@1 {h['pass1']:.1%} | utility {h['utility']:+.3f} | "
+          f"violations {h['violation_rate']:.1%} | KL to SFT {kl:.2f} nats | generic val loss {generic_before:.4f} -> "
+          f"{summary['generic_val_loss_after']:.4f}")

@@ -32,9 +32,9 @@ PRESETS = {
     "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=4, total_batch_tokens=1024,
                   max_steps=30, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=4, log_interval=5),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, total_batch_tokens=4096,
-                max_steps=400, warmup_steps=40, lr=2e-3, eval_interval=50, eval_batches=16, log_interval=10),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, total_batch_tokens=2**19,
-                max_steps=5000, warmup_steps=200, lr=6e-4, eval_interval=250, eval_batches=50, log_interval=10),
+                max_steps=300, warmup_steps=30, lr=2e-3, eval_interval=50, eval_batches=16, log_interval=10),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, total_batch_tokens=2**17,
+                max_steps=1000, warmup_steps=100, lr=6e-4, eval_interval=100, eval_batches=20, log_interval=10),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
 # datasheet bf16 dense peaks, for MFU on known GPUs (others are measured)
@@ -79,18 +79,17 @@ def peak_flops(device):
             if key in name:
                 return flops
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 4096 if device.type == "cuda" else 1024
+    n = 4096 if device.type == "cuda" else 2048
     a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change a matmul's speed
     b = torch.ones(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(6):  # the fastest of several trials: the first warms up, others may share the machine
+    for _ in range(8):  # the fastest of several trials: the first warms up, others may share the machine
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(5):
-            a @ b
+        a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * 5 / best
+    return 2 * n**3 / best
 
 
 def cosine_lr(step, max_lr, warmup_steps, max_steps, min_ratio=0.1):

@@ -44,7 +44,7 @@ from tasks import RULES, gold_eval_many, labeler_agreement, labeler_rank, make_t
 
 PRESETS = {
     "quick": dict(n_prompts=48, epochs=1, lr=1e-3, n_eval=16, best_of=(1, 2, 4)),
-    "cpu": dict(n_prompts=1200, epochs=2, lr=3e-4, n_eval=150, best_of=(1, 2, 4, 8, 16)),
+    "cpu": dict(n_prompts=1000, epochs=2, lr=3e-4, n_eval=150, best_of=(1, 2, 4, 8, 16)),
     "gpu": dict(n_prompts=8000, epochs=2, lr=1e-4, n_eval=500, best_of=(1, 2, 4, 8, 16, 32, 64)),
 }
 
@@ -96,7 +96,7 @@ def build_comparisons(policy, enc, tasks, k, autocast, seed, labeler_seed, probe
         utilities = [evals[j]["utility"] for j in group]
         records.append(dict(
             sequences=[prompt + samples[j]["tokens"] for j in group], texts=[samples[j]["text"] for j in group],
-            utilities=utilities, ranking=labeler_rank(utilities, rng),
+            utilities=utilities, passed=[evals[j]["passed"] for j in group], ranking=labeler_rank(utilities, rng),
             rule_labels=[list(probe_rules(samples[j]["text"], rng, prober_noise).values()) for j in group],
             gold_rules=[[evals[j]["violations"][r] for r in RULES] for j in group]))
     return records
@@ -244,7 +244,7 @@ if __name__ == "__main__":
             break
 
         # ---------------- TRAINING SECTION ----------------
-        if not order:
+        if len(order) < args.prompts_per_step:  # a new epoch, in a new order
             order = order_rng.sample(range(len(train_records)), len(train_records))
         batch = [train_records[order.pop()] for _ in range(args.prompts_per_step)]
         seqs = [s for r in batch for s in r["sequences"]]
@@ -290,11 +290,10 @@ if __name__ == "__main__":
     rows = []
     for n in args.best_of:
         picks = best_of_n(scores, rule_probs, n)
-        chosen = [r["texts"][j] for r, j in zip(eval_records, picks)]
-        evals = gold_eval_many(eval_tasks, chosen)
+        chosen = [(r, j) for r, j in zip(eval_records, picks)]  # the gold verdicts came with the samples
         rows.append(dict(n=n, proxy_reward=mean(s[j] for s, j in zip(scores, picks)),
-                         gold_utility=mean(e["utility"] for e in evals), pass1=mean(e["passed"] for e in evals),
-                         violation_rate=mean(any(e["violations"].values()) for e in evals)))
+                         gold_utility=mean(r["utilities"][j] for r, j in chosen), pass1=mean(r["passed"][j] for r, j in chosen),
+                         violation_rate=mean(any(r["gold_rules"][j]) for r, j in chosen)))
         print(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
               f"{rows[-1]['gold_utility']:+.3f} | pass@1 {rows[-1]['pass1']:.1%} | violations {rows[-1]['violation_rate']:.1%}")
     summary = dict(labeler_agreement=agreement, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),

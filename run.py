@@ -86,10 +86,9 @@ def report_pretraining(o, timings):
               f"the scratch run's final loss ({target:.4f}) at step {reached} of {max(cold)}"
               + (f" ({max(cold) / reached:.1f}x fewer steps)." if reached else "."), "",
               "| step | from generic | from scratch |", "|---|---|---|"]
-    steps = sorted(set(warm) & set(cold))
-    shown = steps[::max(1, len(steps) // 8)]
-    for step in shown + ([steps[-1]] if shown[-1] != steps[-1] else []):
+    for step in thin(sorted(set(warm) & set(cold))):
         lines.append(f"| {step} | {warm[step]:.4f} | {cold[step]:.4f} |")
+    lines.append("")
     return lines
 
 
@@ -101,24 +100,24 @@ def report_sft(o, timings):
     s = read_json(f"{o}/sft/summary.json")
     h, d = s["heldout_comp"], s["demonstrations"]
     lines = ["## Supervised fine-tuning", "",
-             f"Greedy pass@1 on {s['n_eval']} prompts of each split (hidden tests, sandboxed). Held-out "
-             "compositions are operation combinations never seen in training; held-out phrasings are sentence "
-             "frames never seen in training.", "",
-             "| model | held-out compositions | held-out phrasings | train split (new prompts) | rule violations |",
+             f"Pass@1 on {s['n_eval']} prompts of each split (hidden tests, sandboxed): greedy, and for held-out "
+             f"compositions also at T=1 over {s['n_samples']} samples per prompt. Held-out compositions are operation "
+             "combinations never seen in training; held-out phrasings are sentence frames never seen in training.", "",
+             "| model | held-out compositions, greedy | same, sampled | held-out phrasings | train split (new prompts) |",
              "|---|---|---|---|---|",
-             f"| domain model, prompted {s['n_shots']}-shot | "
-             f"{pct(s['few_shot_base']['pass1_greedy'])} | | | |",
-             f"| SFT | {pct(h['pass1_greedy'])} | {pct(s['heldout_phrase']['pass1_greedy'])} | "
-             f"{pct(s['train_split']['pass1_greedy'])} | {pct(h['violation_rate'])} |", "",
-             f"Sampling at T=1, n={s['n_samples']} per held-out prompt: unbiased pass@k (Chen et al. 2021), and "
-             f"the sample with the highest mean token log-probability vs a random pick.", "",
+             f"| domain model, prompted {s['n_shots']}-shot | {pct(s['few_shot_base']['pass1'])} | | | |",
+             f"| SFT | {pct(h['greedy']['pass1'])} | {pct(h['sampled']['pass1'])} | "
+             f"{pct(s['heldout_phrase']['greedy']['pass1'])} | {pct(s['train_split']['greedy']['pass1'])} |", "",
+             "Unbiased pass@k (Chen et al. 2021) from those samples, and the sample with the highest mean token "
+             "log-probability against a random pick:", "",
              "| k | " + " | ".join(str(k) for k in h["pass_at_k"]) + " |", "|---" * (len(h["pass_at_k"]) + 1) + "|",
              "| pass@k | " + " | ".join(pct(v) for v in h["pass_at_k"].values()) + " |", "",
              f"Reranked by mean log-probability: pass@1 {pct(h['pass1_reranked_logp'])}, against "
-             f"{pct(h['pass1_random_pick'])} for a random pick.", "",
+             f"{pct(h['pass_at_k']['1'])} for a random pick.", "",
              f"Demonstrations: flaw rate {pct(d['flaw_rate'])} (configured {pct(d['flaw_rate_config'])}); they "
              f"pass their tests {pct(d['pass_rate'])} of the time and break a rule {pct(d['violation_rate'])} of "
-             f"the time. The SFT model breaks a rule in {pct(h['violation_rate'])} of its greedy answers.", "",
+             f"the time. The SFT model breaks a rule in {pct(h['sampled']['violation_rate'])} of its samples and "
+             f"{pct(h['greedy']['violation_rate'])} of its greedy answers.", "",
              f"SFT training {s['train_seconds']:.0f} s, evaluation {s['eval_seconds']:.0f} s "
              f"(stage wall time {timings.get('sft', float('nan')):.0f} s).", ""]
     return lines
@@ -151,31 +150,35 @@ def report_reward(o, timings):
 
 def report_ppo(o, timings):
     runs = {name: read_json(f"{o}/{name}/summary.json") for name in ("ppo", "ppo_ptx")}
-    bon = read_json(f"{o}/reward/summary.json")["best_of_n"]
-    sft = runs["ppo"]["sft_heldout_comp"]
+    bon = read_json(f"{o}/reward/summary.json")["best_of_n"][-1]
+    sft, sft_train = runs["ppo"]["sft_heldout_comp"], read_json(f"{o}/sft/summary.json")["train_split"]
+    n_prompts, n_samples = len(sft["greedy"]["utilities"]), len(sft["sampled"]["utilities"]) // len(sft["greedy"]["utilities"])
     lines = ["## RLHF with PPO", "",
-             f"Greedy answers to {len(sft['utilities'])} held-out-composition prompts, judged by the gold judge. KL to "
-             "SFT in nats per response, sampled at T=1 (for best-of-n, the analytic log n - (n-1)/n).", "",
-             "| policy | gold utility | pass@1 | rule violations | KL to SFT | win rate vs SFT |", "|---|---|---|---|---|---|",
-             f"| SFT | {sft['utility']:+.3f} | {pct(sft['pass1_greedy'])} | {pct(sft['violation_rate'])} | 0 | 50% |"]
-    n = bon[-1]
-    lines.append(f"| best-of-{n['n']} (SFT samples) | {n['gold_utility']:+.3f} | {pct(n['pass1'])} | "
-                 f"{pct(n['violation_rate'])} | {math.log(n['n']) - (n['n'] - 1) / n['n']:.2f} | |")
+             f"{n_prompts} held-out-composition prompts, {n_samples} samples each at T=1, judged by the gold judge; "
+             "the win rate pits each sample against the SFT model's sample for the same prompt under the noiseless "
+             "labeler (ties count half). KL to SFT in nats per response, on the policy's samples (for best-of-n, "
+             "the analytic log n - (n-1)/n). Greedy pass@1 on held-out compositions and on new train-split prompts.", "",
+             "| policy | gold utility | pass@1 | rule violations | KL to SFT | win rate vs SFT | greedy pass@1 | greedy, train split |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| SFT | {sft['sampled']['utility']:+.3f} | {pct(sft['sampled']['pass1'])} | "
+             f"{pct(sft['sampled']['violation_rate'])} | 0 | 50% | {pct(sft['greedy']['pass1'])} | "
+             f"{pct(sft_train['greedy']['pass1'])} |",
+             f"| best-of-{bon['n']} (SFT samples) | {bon['gold_utility']:+.3f} | {pct(bon['pass1'])} | "
+             f"{pct(bon['violation_rate'])} | {math.log(bon['n']) - (bon['n'] - 1) / bon['n']:.2f} | | | |"]
     for name, s in runs.items():
         h = s["heldout_comp"]
-        lines.append(f"| {name.replace('_', '-').upper()} (ptx {s['ptx_coef']}) | {h['utility']:+.3f} | "
-                     f"{pct(h['pass1_greedy'])} | {pct(h['violation_rate'])} | {s['kl_to_sft']:.2f} | "
-                     f"{pct(s['win_rate_vs_sft'])} |")
+        lines.append(f"| {'PPO-ptx' if s['ptx_coef'] else 'PPO'} (ptx {s['ptx_coef']}) | {h['sampled']['utility']:+.3f} | "
+                     f"{pct(h['sampled']['pass1'])} | {pct(h['sampled']['violation_rate'])} | {s['kl_to_sft']:.2f} | "
+                     f"{pct(s['win_rate_vs_sft'])} | {pct(h['greedy']['pass1'])} | {pct(s['train_split']['greedy']['pass1'])} |")
     lines += ["", "Generic-text validation loss (what PPO-ptx protects):", "",
-              "| run | before PPO | after PPO |", "|---|---|---|"]
+              "| run | before PPO (the SFT model) | after PPO |", "|---|---|---|"]
     lines += [f"| {name} | {s['generic_val_loss_before']:.4f} | {s['generic_val_loss_after']:.4f} |" for name, s in runs.items()]
     log = [r for r in read_log(f"{o}/ppo/log.jsonl") if "score" in r]
     lines += ["", "PPO training curves (rollout batch means):", "",
               "| iteration | score | RM score | KL | response length | ended | clip frac | explained var |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in log[::max(1, len(log) // 8)] + ([log[-1]] if len(log) > 1 else []):
-        lines.append(f"| {r['iteration']} | {r['score']:+.3f} | {r['rm_score']:+.3f} | {r['kl']:.3f} | "
-                     f"{r['response_len']:.1f} | {pct(r['ended'])} | {r['clip_frac']:.3f} | {r['explained_var']:+.2f} |")
+    lines += [f"| {r['iteration']} | {r['score']:+.3f} | {r['rm_score']:+.3f} | {r['kl']:.3f} | {r['response_len']:.1f} | "
+              f"{pct(r['ended'])} | {r['clip_frac']:.3f} | {r['explained_var']:+.2f} |" for r in thin(log)]
     t = runs["ppo"]["seconds"]
     total = sum(t.values())
     lines += ["", f"PPO time: {runs['ppo']['iterations']} iterations, {runs['ppo']['episodes']} episodes in "
@@ -184,12 +187,66 @@ def report_ppo(o, timings):
     return lines
 
 
+def thin(rows, n=8):
+    """About n evenly spaced rows, always with the last."""
+    stride = max(1, len(rows) // n)
+    return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+
+
+def report_headline(o):
+    """The seed's claims in miniature, each with what this run measured and whether it held."""
+    warm, cold = val_curve(f"{o}/pretrain_domain"), val_curve(f"{o}/pretrain_domain_scratch")
+    reached = steps_to_reach(warm, cold[max(cold)])
+    sft, reward = read_json(f"{o}/sft/summary.json"), read_json(f"{o}/reward/summary.json")
+    ppo, ptx = read_json(f"{o}/ppo/summary.json"), read_json(f"{o}/ppo_ptx/summary.json")
+    h = sft["heldout_comp"]
+    ks = list(h["pass_at_k"].values())
+    bon = {r["n"]: r for r in reward["best_of_n"]}
+    n_max, n_best = max(bon), max(bon, key=lambda n: bon[n]["gold_utility"])
+    base, ours = ppo["sft_heldout_comp"]["sampled"], ppo["heldout_comp"]["sampled"]
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+    rows = [
+        ("further pretraining from a generic model converges faster than from scratch (Codex)",
+         f"domain val loss after {max(cold)} steps {warm[max(warm)]:.3f} vs {cold[max(cold)]:.3f}; the generic start "
+         f"reaches the scratch run's final loss at step {reached}", reached is not None and reached < max(cold)),
+        ("fine-tuning beats prompting (GPT-3 vs fine-tuning, Codex-S)",
+         f"held-out pass@1, greedy: SFT {pct(h['greedy']['pass1'])} vs the domain model prompted "
+         f"{sft['n_shots']}-shot {pct(sft['few_shot_base']['pass1'])}", h["greedy"]["pass1"] > sft["few_shot_base"]["pass1"]),
+        ("pass@k rises with k; reranking by mean log-probability beats a random pick (Codex)",
+         f"pass@1 {pct(ks[0])} -> pass@{len(ks)} {pct(ks[-1])}; reranked {pct(h['pass1_reranked_logp'])} vs "
+         f"random {pct(ks[0])}", all(a < b for a, b in zip(ks, ks[1:])) and h["pass1_reranked_logp"] > ks[0]),
+        ("a reward model learns human comparisons (InstructGPT)",
+         f"held-out pairwise accuracy {pct(reward['val_acc_labeler'])} vs the labelers, {pct(reward['val_acc_gold'])} "
+         f"vs the gold order; labelers agree with the gold on {pct(reward['labeler_agreement'])}",
+         reward["val_acc_gold"] > 0.5),
+        ("RLHF beats SFT on what people prefer (InstructGPT)",
+         f"win rate {pct(ppo['win_rate_vs_sft'])}; gold utility {base['utility']:+.3f} -> {ours['utility']:+.3f}; "
+         f"pass@1 {pct(base['pass1'])} -> {pct(ours['pass1'])}; KL {ppo['kl_to_sft']:.2f} nats",
+         ppo["win_rate_vs_sft"] > 0.5 and ours["utility"] > base["utility"]),
+        ("mixing pretraining updates limits the regression on generic text (PPO-ptx)",
+         f"generic val loss after PPO {ppo['generic_val_loss_after']:.3f}, after PPO-ptx "
+         f"{ptx['generic_val_loss_after']:.3f} (SFT: {ppo['generic_val_loss_before']:.3f})",
+         ptx["generic_val_loss_after"] < ppo["generic_val_loss_after"]),
+        ("rule reward models and reranking cut rule violations (Sparrow, LaMDA)",
+         f"samples breaking a rule: SFT {pct(base['violation_rate'])}, best-of-{n_max} "
+         f"{pct(bon[n_max]['violation_rate'])}, PPO {pct(ours['violation_rate'])}",
+         bon[n_max]["violation_rate"] < base["violation_rate"] and ours["violation_rate"] < base["violation_rate"]),
+        ("more samples reranked by a reward model help, then overoptimize (Gao et al.)",
+         "gold utility by n: " + ", ".join(f"{n}: {r['gold_utility']:+.3f}" for n, r in bon.items())
+         + f"; the proxy rises to {bon[n_max]['proxy_reward']:+.3f}",
+         bon[min(bon) * 2]["gold_utility"] > bon[min(bon)]["gold_utility"] and n_best < n_max),
+    ]
+    lines = ["## The claims, in miniature", "", "| claim | measured | holds |", "|---|---|---|"]
+    lines += [f"| {claim} | {measured} | {yes(ok)} |" for claim, measured, ok in rows]
+    return lines + [""]
+
+
 def write_report(args, timings):
     o = args.out_dir
     lines = ["# Report", "",
              f"Written by `python run.py --preset {args.preset}` on {time.strftime('%Y-%m-%d')}; "
              f"total stage wall time {sum(timings.values()) / 60:.1f} min.", ""]
-    lines += report_pretraining(o, timings) + report_sft(o, timings) + report_reward(o, timings) + report_ppo(o, timings)
+    lines += report_headline(o) + report_pretraining(o, timings) + report_sft(o, timings) + report_reward(o, timings) + report_ppo(o, timings)
     path = os.path.join(o, "REPORT.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -211,9 +268,10 @@ if __name__ == "__main__":
             print(f"== {name}: done already ({summary})")
             continue
         print(f"== {name}: python {' '.join(command)}", flush=True)
+        resumed = os.path.isdir(os.path.join(args.out_dir, name))  # a stage interrupted before: its time adds up
         t0 = time.time()
         subprocess.run([sys.executable, *command], check=True)
-        timings[name] = timings.get(name, 0.0) + time.time() - t0  # a resumed stage adds its time
+        timings[name] = (timings.get(name, 0.0) if resumed else 0.0) + time.time() - t0
         with open(timings_path, "w") as f:
             json.dump(timings, f, indent=1)
     write_report(args, timings)

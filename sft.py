@@ -35,7 +35,7 @@ from tasks import demonstrate, extract_code, few_shot_prompt, gold_eval_many, ma
 
 PRESETS = {
     "quick": dict(n_train=400, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=24, n_samples=4),
-    "cpu": dict(n_train=24000, max_steps=750, batch_size=32, lr=1e-3, eval_interval=150, n_eval=200, n_samples=10),
+    "cpu": dict(n_train=32000, max_steps=1000, batch_size=32, lr=3e-3, eval_interval=100, n_eval=150, n_samples=10),
     "gpu": dict(n_train=100000, max_steps=3000, batch_size=64, lr=3e-4, eval_interval=500, n_eval=500, n_samples=20),
 }
 
@@ -61,29 +61,35 @@ def sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens
     return out
 
 
+def judge(tasks, responses):
+    """The gold judge's summary of one response per task: pass rate, mean utility, share breaking
+    a rule, and the per-response utilities (for win rates)."""
+    evals = gold_eval_many(tasks, [r["text"] for r in responses])
+    return dict(pass1=mean(e["passed"] for e in evals), utility=mean(e["utility"] for e in evals),
+                violation_rate=mean(any(e["violations"].values()) for e in evals),
+                ended=mean(r["ended"] for r in responses), utilities=[e["utility"] for e in evals],
+                passed=[e["passed"] for e in evals], examples=[r["text"] for r in responses[:3]])
+
+
 def evaluate_policy(model, enc, tasks, autocast, n_samples=0, temperature=1.0, max_new_tokens=96, seed=0):
-    """The gold judge on a chat policy: greedy pass@1, rule violations and utility; with n_samples,
-    also sampled pass@k for k = 1..n_samples and pass@1 of the sample with the highest mean token
-    log-probability (Codex's reranking) against a random pick."""
+    """The gold judge on a chat policy: its greedy answers and, with n_samples, n samples per
+    prompt at the temperature (the distribution RL optimizes): their pass rate, utility and rule
+    violations, pass@k for k = 1..n_samples, and pass@1 of the sample with the highest mean token
+    log-probability (Codex's reranking) against a random pick. Returns (metrics, samples)."""
     prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
-    greedy = sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens, autocast)
-    evals = gold_eval_many(tasks, [r["text"] for r in greedy])
-    m = dict(pass1_greedy=mean(e["passed"] for e in evals), utility=mean(e["utility"] for e in evals),
-             violation_rate=mean(any(e["violations"].values()) for e in evals),
-             ended=mean(r["ended"] for r in greedy), examples=[r["text"] for r in greedy[:3]],
-             utilities=[e["utility"] for e in evals])
+    m = dict(greedy=judge(tasks, sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens, autocast)))
+    samples = []
     if n_samples:
         g = torch.Generator().manual_seed(seed)
         samples = sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, autocast, g)
-        passed = [e["passed"] for e in gold_eval_many([t for t in tasks for _ in range(n_samples)],
-                                                      [s["text"] for s in samples])]
+        m["sampled"] = judge([t for t in tasks for _ in range(n_samples)], samples)
+        passed = m["sampled"]["passed"]
         groups = [range(i * n_samples, (i + 1) * n_samples) for i in range(len(tasks))]
         counts = [sum(passed[j] for j in group) for group in groups]
         m["pass_at_k"] = {k: mean(pass_at_k(n_samples, c, k) for c in counts) for k in range(1, n_samples + 1)}
-        best = [max(group, key=lambda j: sum(samples[j]["logprobs"]) / len(samples[j]["logprobs"])) for group in groups]
+        best = [max(group, key=lambda j: mean(samples[j]["logprobs"])) for group in groups]
         m["pass1_reranked_logp"] = mean(passed[j] for j in best)
-        m["pass1_random_pick"] = m["pass_at_k"][1]  # the expected pass rate of one random sample
-    return m
+    return m, samples
 
 
 @torch.no_grad()
@@ -98,7 +104,19 @@ def evaluate_few_shot(model, enc, tasks, shots, autocast, max_new_tokens=80):
             tokens, _, _ = model.generate(prompts[start:start + 64], max_new_tokens, 0.0)
         responses += [extract_code(enc.decode(row)) for row in tokens.tolist()]
     evals = gold_eval_many(tasks, responses)
-    return dict(pass1_greedy=mean(e["passed"] for e in evals), examples=responses[:3])
+    return dict(pass1=mean(e["passed"] for e in evals), examples=responses[:3])
+
+
+def length_grouped_batches(examples, batch_size, rng):
+    """One epoch of batches in random order, each of examples of similar length, so that little
+    compute goes to padding: shuffle, sort windows of 50 batches by length, cut, shuffle the cuts."""
+    order = rng.sample(range(len(examples)), len(examples))
+    batches = []
+    for start in range(0, len(order), 50 * batch_size):
+        window = sorted(order[start:start + 50 * batch_size], key=lambda i: len(examples[i][0]))
+        batches += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def mean(values):
@@ -126,6 +144,7 @@ if __name__ == "__main__":
     parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     # evaluation
     parser.add_argument("--eval_interval", type=int, default=None, help="steps between validation losses")
+    parser.add_argument("--save_interval", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--n_eval", type=int, default=None, help="held-out prompts per evaluation")
     parser.add_argument("--n_samples", type=int, default=None, help="samples per prompt for pass@k and reranking")
     parser.add_argument("--n_shots", type=int, default=2, help="worked examples in the base model's prompt")
@@ -158,10 +177,8 @@ if __name__ == "__main__":
     # model: resume, or start from the domain-pretrained checkpoint
     torch.manual_seed(args.seed)
     batch_rng = random.Random(args.seed)
+    # a finished checkpoint resumes at its last step: the loop ends at once and the evaluation runs
     resume = load_checkpoint(ckpt_path, ["sft"], enc, device) if os.path.exists(ckpt_path) else None
-    if resume is not None and resume["finished"]:
-        print(f"{ckpt_path} finished at step {resume['step']}; delete {args.out_dir} to train again")
-        raise SystemExit(0)
     parent = load_checkpoint(args.init_from, ["pretrain"], enc, device)
     model = model_from_checkpoint(resume or parent, device)
     print(f"model shape inherited from {args.init_from}: " +
@@ -172,11 +189,12 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # optimizer
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, (0.9, 0.95), device)
-    start_step = 0
+    start_step, batches = 0, []
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         start_step = resume["step"]
         batch_rng.setstate(resume["batch_rng"])
+        batches = resume["batches"]
         print(f"resuming {ckpt_path} at step {start_step}")
 
     # -----------------------------------------------------------------------------
@@ -194,7 +212,7 @@ if __name__ == "__main__":
 
     def save(step, finished):
         save_checkpoint(ckpt_path, model, "sft", enc, optimizer=optimizer.state_dict(), step=step, finished=finished,
-                        config=vars(args), batch_rng=batch_rng.getstate())
+                        config=vars(args), batch_rng=batch_rng.getstate(), batches=batches)
 
     # -----------------------------------------------------------------------------
     # the loop
@@ -212,13 +230,16 @@ if __name__ == "__main__":
             loss = val_loss()
             log_metrics(log_path, step=step, val_loss=loss)
             tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {loss:.4f}")
+        if step > start_step and step % args.save_interval == 0 or last_step:
+            save(step, finished=last_step)
         if last_step:
-            save(step, finished=True)
             break
 
         # ---------------- TRAINING SECTION ----------------
         t0 = time.perf_counter()
-        x, y = chat_batch(batch_rng.sample(train_examples, args.batch_size), pad_id, device)
+        if not batches:
+            batches = length_grouped_batches(train_examples, args.batch_size, batch_rng)
+        x, y = chat_batch([train_examples[i] for i in batches.pop()], pad_id, device)
         with autocast:
             _, loss = model(x, y)  # mean over the assistant's tokens only (targets are -1 elsewhere)
         loss.backward()
@@ -242,10 +263,10 @@ if __name__ == "__main__":
     # the final summary: the gold judge on held-out prompts, and the few-shot base model
     t0 = time.time()
     eval_tasks = make_tasks("heldout_comp", args.n_eval, args.seed + 2)
-    results = dict(heldout_comp=evaluate_policy(model, enc, eval_tasks, autocast, args.n_samples, seed=args.seed),
+    results = dict(heldout_comp=evaluate_policy(model, enc, eval_tasks, autocast, args.n_samples, seed=args.seed)[0],
                    heldout_phrase=evaluate_policy(model, enc, make_tasks("heldout_phrase", args.n_eval, args.seed + 3),
-                                                  autocast),
-                   train_split=evaluate_policy(model, enc, make_tasks("train", args.n_eval, args.seed + 4), autocast))
+                                                  autocast)[0],
+                   train_split=evaluate_policy(model, enc, make_tasks("train", args.n_eval, args.seed + 4), autocast)[0])
     base = model_from_checkpoint(parent, device)
     shots = make_tasks("train", args.n_shots, args.seed + 5)
     results["few_shot_base"] = evaluate_few_shot(base, enc, eval_tasks, shots, autocast)
@@ -258,7 +279,7 @@ if __name__ == "__main__":
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     h = results["heldout_comp"]
-    print(f"held-out compositions: pass@1 greedy {h['pass1_greedy']:.1%} | sampled {h['pass_at_k'][1]:.1%} | "
+    print(f"held-out compositions: pass@1 greedy {h['greedy']['pass1']:.1%} | sampled {h['sampled']['pass1']:.1%} | "
           f"pass@{args.n_samples} {h['pass_at_k'][args.n_samples]:.1%} | reranked {h['pass1_reranked_logp']:.1%} | "
-          f"few-shot base {results['few_shot_base']['pass1_greedy']:.1%} | violations {h['violation_rate']:.1%}")
-    print("example:\n" + h["examples"][0])
+          f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations {h['sampled']['violation_rate']:.1%}")
+    print("example:\n" + h["greedy"]["examples"][0])

@@ -4,7 +4,8 @@ backend (FlashAttention-2, cuDNN, memory-efficient) and the readable math path o
 
 First a bf16 correctness check of the kernel against the math path (forward and gradients), then
 forward and forward+backward TFLOP/s and peak memory for head dims 64 and 128 over sequence
-lengths 512..8192 at a fixed 16384 tokens per batch, then a one-line summary at T=1024, hs=64.
+lengths 512..8192 at a fixed 16384 tokens per batch, then a one-line summary at T=1024, hs=64,
+then a whole training step of the gpu preset's model with each path (tokens/s, MFU).
 Causal FLOPs are half of the full 4*B*nh*T^2*hs forward; the backward counts 2.5x the forward
 (FlashAttention-2 paper, section 4), so forward+backward is 3.5x. About 3 minutes on an H100.
 
@@ -113,7 +114,6 @@ def bench_attention(paths, head_dims, lengths, reps):
                 results[hs, T, name] = both
                 print(f"{prefix} {fwd:8.3f} {flops_fwd / fwd / 1e9:8.1f} | {both:10.3f} "
                       f"{3.5 * flops_fwd / both / 1e9:8.1f} | {peak:9.0f}")
-            del q, k, v, do
             torch.cuda.empty_cache()
     return results
 
@@ -134,6 +134,50 @@ def summarize(results, hs=64, T=1024):
     print(line)
 
 
+def training_step_ms(path, p, reps):
+    """Milliseconds per training step (forward, backward, AdamW) of the gpu preset's model with
+    one attention path, or None when it does not fit in memory."""
+    from model import GPT, GPTConfig
+    from pretrain import configure_optimizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+                          vocab_size=4096, attn=path)).cuda()
+    opt = configure_optimizer(model, 6e-4, 0.1, (0.9, 0.95), torch.device("cuda"))
+    x = torch.randint(0, 4096, (p["batch_size"], p["block_size"]), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    try:
+        return time_ms(step, reps)
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def bench_training_step(reps):
+    """A whole training step of the gpu preset's model, GPT-2 small at block 1024 with our
+    4096-token vocabulary, with each attention path: bf16 autocast, eager (torch.compile would
+    take minutes per path). Tokens/s and MFU against the card's datasheet peak."""
+    from model import GPT, GPTConfig
+    from pretrain import PRESETS, peak_flops
+    p = PRESETS["gpu"]
+    tokens, peak = p["batch_size"] * p["block_size"], peak_flops(torch.device("cuda"))
+    flops = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
+                          vocab_size=4096)).flops_per_token(p["block_size"])
+    print(f"\ntraining step, GPT-2 small shape, {p['batch_size']} x {p['block_size']} tokens, bf16 autocast, eager:")
+    for path in ("flash", "sdpa", "math"):
+        ms = training_step_ms(path, p, reps)
+        torch.cuda.empty_cache()
+        if ms is None:
+            print(f"  {path:>5}: out of memory")
+            continue
+        tok_s = tokens / ms * 1000
+        print(f"  {path:>5}: {ms:8.1f} ms/step | {tok_s:10,.0f} tok/s | mfu {flops * tok_s / peak * 100:5.1f}%")
+
+
 def main():
     parser = argparse.ArgumentParser(description="causal attention: our kernel vs SDPA and math")
     parser.add_argument("--quick", action="store_true", help="two lengths, hs=64, fewer repeats")
@@ -150,6 +194,7 @@ def main():
         ((64, 128), (512, 1024, 2048, 4096, 8192), 10)
     results = bench_attention(paths, head_dims, lengths, reps)
     summarize(results)
+    bench_training_step(reps)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,11 @@
 """The ways PPO for language models goes wrong, each pinned by a test."""
-import json
-import os
-import random
-import subprocess
-import sys
-
 import pytest
 import torch
-import torch.nn.functional as F
 
-from data import encode_chat, load_tokenizer, prose_of, save_tokenizer, train_bpe, write_tokens
-from model import GPT, GPTConfig, save_checkpoint, token_logprobs
+from model import GPT, GPTConfig
 from ppo import (compute_gae, masked_whiten, pack_rollouts, policy_logprobs, ppo_policy_loss, ppo_value_loss,
                  sequence_score, shaped_rewards)
-from reward import last_token_scores, pairwise_loss
-from tasks import make_tasks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from reward import last_token_scores
 
 
 def naive_gae(rewards, values, gamma, lam):
@@ -143,84 +132,3 @@ def test_rollout_layout_logprobs_match_sampling_at_the_same_temperature():
     assert not torch.allclose(lp, policy_logprobs(model, x, targets, 1.0)[0])  # the temperature matters
     with torch.enable_grad():  # and the forward with autograd on gives the very same numbers
         assert torch.equal(policy_logprobs(model, x, targets, 0.7)[0].detach(), lp)
-
-
-# ----------------------------------------------------------------------------- the loop end to end
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Tiny checkpoints for every input of ppo.py. The SFT checkpoint has dropout 0.2 in its config,
-    which ppo.py must switch off. The reward model is taught a programmatic preference: responses
-    containing one of a fixed tenth of the vocabulary score higher."""
-    root = tmp_path_factory.mktemp("ppo")
-    import sysconfig
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")) as f:
-        source = f.read()
-    save_tokenizer(root / "tokenizer.json", train_bpe([source, prose_of(source)], 320))
-    enc = load_tokenizer(root / "tokenizer.json")
-    (root / "generic").mkdir()
-    for split in ("train", "val"):
-        write_tokens(enc, [prose_of(source)] * 4, str(root / "generic" / f"{split}.bin"))
-    (root / "generic" / "meta.json").write_text(json.dumps(dict(tokenizer=enc.name, dtype="uint16")))
-    shape = dict(block_size=320, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    policy = GPT(GPTConfig(**shape, dropout=0.2))
-    save_checkpoint(root / "sft.pt", policy, "sft", enc, step=0)
-    policy.eval()
-    prompts = [encode_chat(enc, t.prompt)[0] for t in make_tasks("train", 32, 0)]
-    rng = random.Random(0)
-    favoured = rng.sample(range(enc.n_vocab - 4), 32)  # a tenth of the ordinary tokens
-    others = [t for t in range(enc.n_vocab - 4) if t not in favoured]
-    rm = GPT(GPTConfig(**shape, n_scores=1))
-    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(250):  # a prompt and two responses, the same but for the target token in one
-        pairs = []
-        for _ in range(8):
-            without = [rng.choice(others) for _ in range(8)]
-            with_target = list(without)
-            with_target[rng.randrange(8)] = rng.choice(favoured)
-            prompt = rng.choice(prompts)
-            pairs += [prompt + with_target, prompt + without]
-        r = last_token_scores(rm, pairs, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))[:, 0]
-        loss = torch.stack([pairwise_loss(r[i:i + 2], [0, 1]) for i in range(0, len(pairs), 2)]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert sum(losses[-10:]) / 10 < 0.2
-    save_checkpoint(root / "reward.pt", rm, "reward", enc)
-    save_checkpoint(root / "rules.pt", GPT(GPTConfig(**shape, n_scores=2)), "rules", enc)
-    return root
-
-
-def run_ppo(world, out_dir, *extra):
-    cmd = [sys.executable, "ppo.py", "--preset", "quick", "--sft", str(world / "sft.pt"), "--reward_dir", str(world),
-           "--generic_data", str(world / "generic"), "--tokenizer", str(world / "tokenizer.json"),
-           "--out_dir", str(out_dir), "--max_new_tokens", "8", "--n_eval", "4", *extra]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    if os.path.exists(os.path.join(out_dir, "log.jsonl")):  # no iterations, no log
-        with open(os.path.join(out_dir, "log.jsonl")) as f:
-            return [json.loads(line) for line in f]
-
-
-def test_first_ratio_is_exactly_one_and_first_kl_exactly_zero(world, tmp_path):
-    log = run_ppo(world, tmp_path / "run", "--iterations", "2", "--temperature", "0.7", "--ptx_coef", "0.5")
-    assert log[0]["first_ratio_dev"] == 0.0 and log[1]["first_ratio_dev"] == 0.0
-    assert log[0]["kl"] == 0.0  # the policy starts as the reference
-    assert log[1]["kl"] != 0.0 and "ptx_loss" in log[0]
-
-
-def test_the_value_model_starts_from_the_reward_model(world, tmp_path):
-    run_ppo(world, tmp_path / "run", "--iterations", "0")
-    value = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["value_model"]
-    reward = torch.load(world / "reward.pt", weights_only=False)["model"]
-    assert all(torch.equal(value[k], reward[k]) for k in reward)
-
-
-def test_ppo_raises_a_programmatic_reward(world, tmp_path):
-    log = run_ppo(world, tmp_path / "run", "--iterations", "20", "--rollout_batch", "32", "--minibatch", "16",
-                  "--ppo_epochs", "4", "--lr", "1e-2", "--beta", "0.0", "--rule_coef", "0", "--missing_end_penalty", "0")
-    first, last = sum(r["rm_score"] for r in log[:4]) / 4, sum(r["rm_score"] for r in log[-4:]) / 4
-    assert last > first + 2.0, [round(r["rm_score"], 3) for r in log]
