@@ -161,7 +161,8 @@ if __name__ == "__main__":
     parser.add_argument("--rollout_batch", type=int, default=None, help="prompts (one response each) per iteration")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, used in every log-prob")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="longest response")
-    parser.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (InstructGPT: 0.02)")
+    parser.add_argument("--beta", type=float, default=0.15, help="KL penalty coefficient (InstructGPT: 0.02, on "
+                        "another reward scale; at 0.05 ours drifts to ~3 nats and games the RM, see README)")
     parser.add_argument("--kl_target", type=float, default=0.0, help="adaptive KL controller target in nats per "
                         "response (Ziegler et al. 2019); 0: fixed beta")
     parser.add_argument("--rule_coef", type=float, default=1.0, help="weight of the rule model's violation probabilities")

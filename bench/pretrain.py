@@ -101,6 +101,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="alternate the two loops this many times")
     parser.add_argument("--tokenizer", default=os.path.join(ROOT, "out", "tokenizer.json"), help="sets the vocabulary")
     parser.add_argument("--compile", type=int, default=None, help="torch.compile both (default: on CUDA)")
+    parser.add_argument("--attn", default="auto", choices=["auto", "math", "sdpa", "flash"], help="our attention path")
     args = parser.parse_args()
     device, autocast = setup_device()
     args.compile = device.type == "cuda" if args.compile is None else bool(args.compile)
@@ -123,7 +124,8 @@ if __name__ == "__main__":
                             str(args.n_head), "--n_embd", str(args.n_embd), "--block_size", str(args.block_size),
                             "--batch_size", str(args.batch_size), "--total_batch_tokens", str(tokens),
                             "--max_steps", str(args.steps), "--eval_interval", str(10 * args.steps),
-                            "--eval_batches", "1", "--log_interval", str(10 * args.steps), "--compile", str(int(args.compile))],
+                            "--eval_batches", "1", "--log_interval", str(10 * args.steps), "--compile", str(int(args.compile)),
+                            "--attn", args.attn],
                            check=True, capture_output=True)
             with open(os.path.join(out_dir, "summary.json")) as f:
                 ours.append(json.load(f)["tok_per_s"])
@@ -135,7 +137,7 @@ if __name__ == "__main__":
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} channels, block {args.block_size}, "
           f"{tokens:,} tokens/step | {name} | peak {peak / 1e12:.3f} TFLOP/s")
-    for label, rates in (("ours (pretrain.py)", ours), ("nanoGPT-style reference", ref)):
+    for label, rates in ((f"ours (pretrain.py, {args.attn})", ours), ("nanoGPT-style reference", ref)):
         best = max(rates)
         print(f"{label:>24}: {best:10,.0f} tok/s (best of {len(rates)}: "
               f"{', '.join(f'{r:,.0f}' for r in rates)}) | mfu {flops * best / peak * 100:5.1f}%")

@@ -1,0 +1,25 @@
+"""
+Sandbox throughput: programs per second through tasks.execute_many, each in its own sandboxed
+process, on this machine's cores.
+
+    python bench/sandbox.py            # 400 small correct programs
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tasks import execute_many  # noqa: E402
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--programs", type=int, default=400, help="how many programs to run")
+    args = parser.parse_args()
+    jobs = [(f"def f(x):\n    return x * 3 + {i % 9}\n", f"assert f(2) == {6 + i % 9}\nassert f(0) == {i % 9}\n")
+            for i in range(args.programs)]
+    t0 = time.perf_counter()
+    results = execute_many(jobs)
+    dt = time.perf_counter() - t0
+    assert results == ["pass"] * len(jobs), "the sandbox failed correct programs"
+    print(f"{len(jobs)} programs in {dt:.1f} s: {len(jobs) / dt:.0f} programs/s on {os.cpu_count()} cores")
