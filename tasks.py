@@ -422,10 +422,6 @@ def gold_eval_many(tasks, responses, timeout=EXEC_TIMEOUT):
             for r, res, v in zip(responses, results, violations)]
 
 
-def gold_eval(task, response):
-    return gold_eval_many([task], [response])[0]
-
-
 def pass_at_k(n, c, k):
     """Unbiased pass@k from n samples with c passing (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
     as a product so that large n does not overflow."""
