@@ -148,38 +148,55 @@ def read_corpus(path):
 # the tokenizer: byte-level BPE
 
 
+def merge(ids, pair, new_id):
+    """ids with every occurrence of pair, left to right, replaced by new_id (minbpe's merge)."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def train_bpe(docs, vocab_size):
     """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
 
-    Counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is one word
-    with weight 10,000), and each merge updates the pair counts only of the words that contain the
-    merged pair, found through an index from pair to words; a heap gives the most frequent pair.
-    Ties break toward the smallest pair of ids, so training is deterministic."""
+    minbpe's loop (count pairs, pick the most frequent, merge it everywhere, repeat), made fast in
+    three ways: counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is
+    one word of weight 10,000); after a merge only the words that held the pair are touched, found
+    through an index from pair to words, and only their pairs' counts change; and a heap gives the
+    most frequent pair. Ties break toward the smallest pair of ids, so training is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
     pattern = regex.compile(SPLIT_PATTERN)
-    counts = Counter()
+    chunks = Counter()
     for doc in tqdm(docs, desc="pre-split", leave=False):
-        counts.update(pattern.findall(doc))
-    words = [list(chunk.encode("utf-8")) for chunk in counts]
-    weights = list(counts.values())
+        chunks.update(pattern.findall(doc))
+    words = [list(chunk.encode("utf-8")) for chunk in chunks]
+    weights = list(chunks.values())
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
-    pair_count, where = defaultdict(int), defaultdict(set)
+
+    # count: every adjacent pair, weighted by how often its word occurs; remember where it occurs
+    counts, where = defaultdict(int), defaultdict(set)
     for w, word in enumerate(words):
         for pair in zip(word, word[1:]):
-            pair_count[pair] += weights[w]
+            counts[pair] += weights[w]
             where[pair].add(w)
-    heap = [(-count, pair) for pair, count in pair_count.items()]
+    heap = [(-count, pair) for pair, count in counts.items()]
     heapq.heapify(heap)
     progress = tqdm(total=n_merges, desc="bpe merges", leave=False)
     while len(vocab) < 256 + n_merges and heap:
+        # pick the best pair: the heap's top, unless its count changed since it was pushed
         neg_count, pair = heapq.heappop(heap)
-        if -neg_count != pair_count.get(pair) or -neg_count < 2:
-            continue  # a stale heap entry (the count changed since), or not worth a token
+        if -neg_count != counts.get(pair) or -neg_count < 2:
+            continue  # a stale entry, or a pair that occurs once: not worth a token
+        del counts[pair]
         token = vocab[pair[0]] + vocab[pair[1]]
-        del pair_count[pair]
         if token in known:
             # the same bytes were already reached by another pair ((ab, c) vs (a, bc)); tiktoken
             # maps bytes to one id, so a second id for them could never be produced
@@ -188,31 +205,24 @@ def train_bpe(docs, vocab_size):
         vocab.append(token)
         known.add(token)
         progress.update()
+        # merge it in every word that holds it, and update the counts of the pairs that changed
         changed = set()
         for w in where.pop(pair):
-            word, weight = words[w], weights[w]
-            merged, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
+            word, merged = words[w], merge(words[w], pair, new_id)
             if len(merged) == len(word):
                 continue  # the index is allowed to be stale: this word lost the pair earlier
             for p in zip(word, word[1:]):
-                pair_count[p] -= weight
+                counts[p] -= weights[w]
                 changed.add(p)
             for p in zip(merged, merged[1:]):
-                pair_count[p] += weight
+                counts[p] += weights[w]
                 where[p].add(w)
                 changed.add(p)
             words[w] = merged
+        counts.pop(pair, None)
         for p in changed:
-            if p != pair and pair_count.get(p, 0) > 0:
-                heapq.heappush(heap, (-pair_count[p], p))
-        pair_count.pop(pair, None)
+            if counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-counts[p], p))
     progress.close()
     return vocab[256:]
 

@@ -228,6 +228,14 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
+    def configure_optimizers(self, lr, weight_decay, betas, device_type):
+        """AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings only, never on
+        biases and LayerNorm gains, which set scales rather than store features (nanoGPT)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
     def flops_per_token(self, T):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
         scores and weighted sum, 12 * n_layer * n_embd * T (Kaplan et al. 2020; PaLM appendix B).
@@ -262,6 +270,17 @@ class GPT(nn.Module):
         if self.score_head is None:
             raise ValueError("this model has no scalar head (n_scores=0): it is a language model")
         return self.score_head(self.trunk(idx)).float()
+
+    def last_token_scores(self, sequences, pad_id):
+        """The scalar head at each sequence's last token, (N, n_scores): where a reward model reads
+        its verdict on a whole response (InstructGPT: the final token's output). Sequences are
+        token lists of any lengths, right-padded here; causal attention keeps the padding out."""
+        device = self.lm_head.weight.device
+        x = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            x[i, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s in sequences], device=device)
+        return self.scores(x.to(device))[torch.arange(len(sequences), device=device), last]
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -381,6 +400,19 @@ def load_checkpoint(path, stages, tokenizer=None, device="cpu"):
             f"{path} was trained with tokenizer {ckpt['tokenizer']['name']} ({ckpt['tokenizer']['n_vocab']} tokens), "
             f"but the current tokenizer is {tokenizer.name} ({tokenizer.n_vocab} tokens): another vocabulary")
     return ckpt
+
+
+def with_score_head(ckpt, n_scores, device="cpu"):
+    """A GPT from a policy checkpoint with a scalar head added, zero-initialized so that every
+    response starts at score 0: the trunk of a reward, rule or value model (InstructGPT: the SFT
+    model with its unembedding replaced by a projection to a scalar)."""
+    model = GPT(GPTConfig(**{**ckpt["model_args"], "n_scores": n_scores}))
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if sorted(missing) != ["score_head.bias", "score_head.weight"] or unexpected:
+        raise CheckpointError(f"expected a language model's weights; missing {missing}, unexpected {unexpected}")
+    nn.init.zeros_(model.score_head.weight)
+    nn.init.zeros_(model.score_head.bias)
+    return model.to(device)
 
 
 def model_from_checkpoint(ckpt, device="cpu", **overrides):

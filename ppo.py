@@ -26,27 +26,29 @@ ran 256k episodes); the per-token KL uses the sampled log-ratio (k1), the usual 
 rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance.
 """
 import argparse
-import json
 import os
 import random
 import time
+from statistics import fmean
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
+                    positive_float, positive_int, setup_device, write_json)
 from data import EOT, END, encode_chat, get_batch, load_tokenizer, load_tokens
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint, token_logprobs
-from pretrain import StopFlag, apply_preset, configure_optimizer, log_metrics, setup_device
-from reward import last_token_scores
-from sft import evaluate_policy, mean
-from tasks import make_tasks
+from tasks import evaluate_policy, prompt_set
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
     "cpu": dict(iterations=30, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150),
     "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500),
 }
+PTX_SEED, GENERIC_VAL_SEED = 1, 0  # seed offsets: ptx batches; the fixed generic validation windows
+GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 windows of 8
+SCORE_BATCH = 64  # sequences per forward pass in the evaluation's KL
 
 
 def masked_mean(x, mask):
@@ -148,7 +150,7 @@ def pack_rollouts(prompts, responses, pad_id, device):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # I/O
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
     parser.add_argument("--sft", default="out/sft/ckpt.pt", help="SFT checkpoint: the policy's start and the reference")
@@ -157,35 +159,41 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/ppo", help="checkpoint, log and summary go here")
     # rollouts and reward
-    parser.add_argument("--iterations", type=int, default=None, help="rollout-then-update iterations")
-    parser.add_argument("--rollout_batch", type=int, default=None, help="prompts (one response each) per iteration")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, used in every log-prob")
-    parser.add_argument("--max_new_tokens", type=int, default=96, help="longest response")
-    parser.add_argument("--beta", type=float, default=0.15, help="KL penalty coefficient (InstructGPT: 0.02, on "
-                        "another reward scale; at 0.05 ours drifts to ~3 nats and games the RM, see README)")
-    parser.add_argument("--kl_target", type=float, default=0.0, help="adaptive KL controller target in nats per "
-                        "response (Ziegler et al. 2019); 0: fixed beta")
-    parser.add_argument("--rule_coef", type=float, default=1.0, help="weight of the rule model's violation probabilities")
-    parser.add_argument("--missing_end_penalty", type=float, default=1.0, help="subtracted when a response never ends")
+    parser.add_argument("--iterations", type=nonneg_int, help="rollout-then-update iterations (0: judge the SFT policy)")
+    parser.add_argument("--rollout_batch", type=positive_int, help="prompts (one response each) per iteration")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, used in "
+                        "every log-prob")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest response")
+    parser.add_argument("--beta", type=nonneg_float, default=0.15, help="KL penalty coefficient (InstructGPT: 0.02, "
+                        "on another reward scale; at 0.05 ours drifts to ~3 nats and games the RM, see README)")
+    parser.add_argument("--kl_target", type=nonneg_float, default=0.0, help="adaptive KL controller target in nats "
+                        "per response (Ziegler et al. 2019); 0: fixed beta")
+    parser.add_argument("--rule_coef", type=nonneg_float, default=1.0, help="weight of the rule model's violation "
+                        "probabilities")
+    parser.add_argument("--missing_end_penalty", type=nonneg_float, default=1.0, help="subtracted when a response "
+                        "never ends")
     # PPO
-    parser.add_argument("--ppo_epochs", type=int, default=None, help="passes over each rollout batch")
-    parser.add_argument("--minibatch", type=int, default=None, help="responses per PPO minibatch")
-    parser.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip epsilon")
-    parser.add_argument("--value_clip", type=float, default=0.2, help="value clip around the old values")
-    parser.add_argument("--gamma", type=float, default=1.0, help="discount (1: the episode is one response)")
-    parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    parser.add_argument("--lr", type=float, default=None, help="policy learning rate")
-    parser.add_argument("--value_lr", type=float, default=None, help="value learning rate (default: 3x lr)")
-    parser.add_argument("--ptx_coef", type=float, default=0.0, help="pretraining loss weight (PPO-ptx); 0: plain PPO")
-    parser.add_argument("--ptx_batch", type=int, default=4, help="generic-text sequences per ptx minibatch")
+    parser.add_argument("--ppo_epochs", type=positive_int, help="passes over each rollout batch")
+    parser.add_argument("--minibatch", type=positive_int, help="responses per PPO minibatch")
+    parser.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip epsilon")
+    parser.add_argument("--value_clip", type=positive_float, default=0.2, help="value clip around the old values")
+    parser.add_argument("--gamma", type=nonneg_float, default=1.0, help="discount (1: the episode is one response)")
+    parser.add_argument("--lam", type=nonneg_float, default=0.95, help="GAE lambda")
+    parser.add_argument("--lr", type=positive_float, help="policy learning rate")
+    parser.add_argument("--value_lr_ratio", type=positive_float, default=3.0, help="value learning rate over the "
+                        "policy's")
+    parser.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip each model's gradient norm (0: off)")
+    parser.add_argument("--ptx_coef", type=nonneg_float, default=0.0, help="pretraining loss weight (PPO-ptx); "
+                        "0: plain PPO")
+    parser.add_argument("--ptx_batch", type=positive_int, default=4, help="generic-text sequences per ptx minibatch")
     # evaluation
-    parser.add_argument("--n_eval", type=int, default=None, help="held-out prompts for the final evaluation")
-    parser.add_argument("--eval_samples", type=int, default=4, help="samples per held-out prompt in the evaluation")
+    parser.add_argument("--n_eval", type=positive_int, help="held-out prompts for the final evaluation")
+    parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt in the "
+                        "evaluation")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
-    args = apply_preset(parser.parse_args(), PRESETS)
-    args.value_lr = args.value_lr or 3 * args.lr
+    args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -198,7 +206,7 @@ if __name__ == "__main__":
     # data: held-in prompts (the training distribution), generic text for ptx and its eval
     enc = load_tokenizer(args.tokenizer)
     pad_id, end_id = enc.encode_single_token(EOT), enc.encode_single_token(END)
-    prompt_pool = make_tasks("train", args.iterations * args.rollout_batch, args.seed + 30)
+    prompt_pool = prompt_set("ppo_train", args.iterations * args.rollout_batch, args.seed)
     generic_train, generic_val = load_tokens(args.generic_data, "train", enc), load_tokens(args.generic_data, "val", enc)
 
     # -----------------------------------------------------------------------------
@@ -220,8 +228,8 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # optimizers
-    policy_opt = configure_optimizer(policy, args.lr, 0.0, (0.9, 0.95), device)
-    value_opt = configure_optimizer(value_model, args.value_lr, 0.0, (0.9, 0.95), device)
+    policy_opt = policy.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
+    value_opt = value_model.configure_optimizers(args.lr * args.value_lr_ratio, 0.0, (0.9, 0.95), device.type)
     start, beta = 0, args.beta
     if resume is not None:
         policy_opt.load_state_dict(resume["policy_opt"])
@@ -229,35 +237,35 @@ if __name__ == "__main__":
         start, beta = resume["iteration"], resume["beta"]
         print(f"resuming {ckpt_path} at iteration {start}")
     sample_rng = torch.Generator().manual_seed(args.seed + start)
-    ptx_rng = torch.Generator().manual_seed(args.seed + 1 + start)
+    ptx_rng = torch.Generator().manual_seed(args.seed + PTX_SEED + start)
     shuffle_rng = random.Random(args.seed + start)
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
     @torch.no_grad()
-    def generic_val_loss(model, batches=16):
+    def generic_val_loss(model):
         """Loss on generic validation text (fixed windows): what PPO-ptx is meant to protect."""
-        rng = torch.Generator().manual_seed(0)
+        rng = torch.Generator().manual_seed(GENERIC_VAL_SEED)
         losses = []
-        for _ in range(batches):
-            x, y = get_batch(generic_val, 8, model.config.block_size, rng, device)
+        for _ in range(GENERIC_VAL_BATCHES):
+            x, y = get_batch(generic_val, GENERIC_VAL_BATCH_SIZE, model.config.block_size, rng, device)
             with autocast:
                 losses.append(model(x, y)[1].item())
-        return mean(losses)
+        return fmean(losses)
 
     @torch.no_grad()
     def kl_to_reference(prompts, samples):
         """KL(policy || SFT) per response, estimated on the policy's own samples: the mean over
         samples of the summed log-ratio (the k1 estimator)."""
         kls = []
-        for start in range(0, len(samples), 64):
-            x, targets, mask = pack_rollouts(prompts[start:start + 64], [s["tokens"] for s in samples[start:start + 64]],
-                                             pad_id, device)
+        for start in range(0, len(samples), SCORE_BATCH):
+            chunk = slice(start, start + SCORE_BATCH)
+            x, targets, mask = pack_rollouts(prompts[chunk], [s["tokens"] for s in samples[chunk]], pad_id, device)
             with autocast:
                 lp, _ = policy_logprobs(policy, x, targets, args.temperature)
                 ref_lp, _ = policy_logprobs(reference, x, targets, args.temperature)
             kls += ((lp - ref_lp) * mask).sum(1).tolist()
-        return mean(kls)
+        return fmean(kls)
 
     def save(iteration, finished):
         save_checkpoint(ckpt_path, policy, "ppo", enc, value_model=value_model.state_dict(),
@@ -308,8 +316,9 @@ if __name__ == "__main__":
                     old_values[idx] = value_model.scores(x[idx])[..., 0].float()
             seqs = [p + r for p, r in zip(prompts, responses)]
             # the RM reads the last token of prompt + response, the position it was trained on
-            rm_score = last_token_scores(reward_model, seqs, pad_id, device, autocast)[:, 0]
-            rule_probs = torch.sigmoid(last_token_scores(rule_model, seqs, pad_id, device, autocast))  # (B, n_rules)
+            with autocast:
+                rm_score = reward_model.last_token_scores(seqs, pad_id)[:, 0]
+                rule_probs = torch.sigmoid(rule_model.last_token_scores(seqs, pad_id))  # (B, n_rules)
         score = sequence_score(rm_score, rule_probs, ended, args.rule_coef, args.missing_end_penalty)
         rewards, log_ratio = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta)
         advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
@@ -337,10 +346,8 @@ if __name__ == "__main__":
                     policy_loss = policy_loss + args.ptx_coef * ptx_loss
                     stats["ptx_loss"].append(ptx_loss.item())
                 (policy_loss + vf_loss).backward()  # separate models: each gets its own loss's gradient
-                for model, opt in ((policy, policy_opt), (value_model, value_opt)):
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                clip_and_step(policy, policy_opt, args.lr, args.grad_clip)  # a constant learning rate
+                clip_and_step(value_model, value_opt, args.lr * args.value_lr_ratio, args.grad_clip)
                 with torch.no_grad():
                     log_r = (logprobs - old_logprobs[idx]) * m
                     stats["approx_kl"].append(masked_mean(torch.exp(log_r) - 1 - log_r, m).item())  # k3 estimator
@@ -360,7 +367,7 @@ if __name__ == "__main__":
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
                    response_len=mask.sum(1).mean().item(), explained_var=explained_var.item(),
-                   first_ratio_dev=stats["ratio_dev"][0], **{k: mean(v) for k, v in stats.items() if v and k != "ratio_dev"},
+                   first_ratio_dev=stats["ratio_dev"][0], **{k: fmean(v) for k, v in stats.items() if v and k != "ratio_dev"},
                    ms_rollout=(t1 - t0) * 1000, ms_score=(t2 - t1) * 1000, ms_update=(t3 - t2) * 1000)
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "
@@ -372,21 +379,23 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # the final summary: the gold judge on held-out prompts
-    eval_tasks = make_tasks("heldout_comp", args.n_eval, args.seed + 2)
+    eval_tasks = prompt_set("eval", args.n_eval, args.seed)
     n = args.eval_samples
-    ours, samples = evaluate_policy(policy, enc, eval_tasks, autocast, n, args.temperature, args.max_new_tokens, args.seed)
-    sft, _ = evaluate_policy(reference, enc, eval_tasks, autocast, n, args.temperature, args.max_new_tokens, args.seed)
+    with autocast:
+        ours, samples = evaluate_policy(policy, enc, eval_tasks, n, args.temperature, args.max_new_tokens, args.seed)
+        sft, _ = evaluate_policy(reference, enc, eval_tasks, n, args.temperature, args.max_new_tokens, args.seed)
+        train_split = evaluate_policy(policy, enc, prompt_set("eval_train", args.n_eval, args.seed),
+                                      max_new_tokens=args.max_new_tokens)[0]
     # the noiseless labeler prefers the higher gold utility, sample against sample; a tie counts half
-    win_rate = mean(1.0 if a > b else 0.5 if a == b else 0.0
+    win_rate = fmean(1.0 if a > b else 0.5 if a == b else 0.0
                     for a, b in zip(ours["sampled"]["utilities"], sft["sampled"]["utilities"]))
     kl = kl_to_reference([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
     summary = dict(heldout_comp=ours, sft_heldout_comp=sft, win_rate_vs_sft=win_rate, kl_to_sft=kl,
-                   train_split=evaluate_policy(policy, enc, make_tasks("train", args.n_eval, args.seed + 4), autocast)[0],
+                   train_split=train_split,
                    generic_val_loss_before=generic_before, generic_val_loss_after=generic_val_loss(policy),
                    ptx_coef=args.ptx_coef, seconds=t_phase, iterations=args.iterations,
                    episodes=args.iterations * args.rollout_batch)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(args.out_dir, "summary.json"), summary)
     h = summary["heldout_comp"]["sampled"]
     print(f"held-out samples: win rate vs SFT {win_rate:.1%} | pass@1 {h['pass1']:.1%} | utility {h['utility']:+.3f} | "
           f"violations {h['violation_rate']:.1%} | KL to SFT {kl:.2f} nats | generic val loss {generic_before:.4f} -> "

@@ -11,21 +11,19 @@ and the baseline that shows what the generic start buys, the same steps from scr
 On a GPU: add --preset gpu (GPT-2 small, block 1024, bf16 autocast, torch.compile, fused attention).
 
 Ctrl-C saves at the end of the current step; the same command resumes from out_dir/ckpt.pt.
-The helpers above the main guard (device, schedule, logging, peak FLOPs) serve the later stages too.
 """
 import argparse
-import json
-import math
 import os
-import signal
 import time
-from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
 
+from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float,
+                    nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device, synchronize,
+                    write_json)
 from data import get_batch, load_tokenizer, load_tokens
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import ATTENTION_PATHS, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # named sets of defaults; any flag given on the command line wins
 PRESETS = {
@@ -37,101 +35,12 @@ PRESETS = {
                 max_steps=1000, warmup_steps=100, lr=6e-4, eval_interval=100, eval_batches=20, log_interval=10),
 }
 MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
-# datasheet bf16 dense peaks, for MFU on known GPUs (others are measured)
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-
-
-def apply_preset(args, presets):
-    """Fill every flag left at None from the chosen preset, and print the whole config."""
-    for key, value in presets[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    return args
-
-
-def setup_device(name="auto"):
-    """(device, autocast context): cuda, then mps, then cpu; bf16 autocast where supported."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    return device, autocast
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def peak_flops(device):
-    """The FLOP/s that MFU divides by: a known GPU's datasheet bf16 peak, otherwise the measured
-    rate of a large matmul on this device, the best any model's matmuls could do here."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change a matmul's speed
-    b = torch.ones(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(8):  # the fastest of several trials: the first warms up, others may share the machine
-        synchronize(device)
-        t0 = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
-def cosine_lr(step, max_lr, warmup_steps, max_steps, min_ratio=0.1):
-    """Linear warmup, then cosine decay to min_ratio * max_lr (GPT-3, Brown et al. 2020, sec. B)."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def configure_optimizer(model, lr, weight_decay, betas, device):
-    """AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings only, never on
-    biases and LayerNorm gains, which set scales rather than store features."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def log_metrics(path, **fields):
-    """Append one JSON line to the stage's log."""
-    with open(path, "a") as f:
-        f.write(json.dumps(fields) + "\n")
-
-
-class StopFlag:
-    """Ctrl-C sets a flag instead of raising mid-step, so the loop can save a consistent state
-    (after a whole optimizer step) and exit; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.stop = False
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        self.stop = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("interrupted: saving at the end of this step (Ctrl-C again to abort)")
+VAL_SEED = 0  # the validation windows are the same in every run, so curves compare directly
 
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # I/O
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
     parser.add_argument("--data", default="out/data/generic", help="folder of token files written by data.py")
@@ -140,33 +49,34 @@ if __name__ == "__main__":
     parser.add_argument("--init_from", default=None, help="a pretraining checkpoint to continue from (stage 2); "
                         "default: from scratch")
     # model (from scratch only; a checkpoint brings its own shape)
-    parser.add_argument("--n_layer", type=int, default=None, help="transformer blocks")
-    parser.add_argument("--n_head", type=int, default=None, help="attention heads per block")
-    parser.add_argument("--n_embd", type=int, default=None, help="channels of the residual stream")
-    parser.add_argument("--block_size", type=int, default=None, help="context length in tokens")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on embeddings and residual branches")
+    parser.add_argument("--n_layer", type=positive_int, help="transformer blocks")
+    parser.add_argument("--n_head", type=positive_int, help="attention heads per block")
+    parser.add_argument("--n_embd", type=positive_int, help="channels of the residual stream")
+    parser.add_argument("--block_size", type=positive_int, help="context length in tokens")
+    parser.add_argument("--dropout", type=fraction, default=0.0, help="dropout on embeddings and residual branches")
     parser.add_argument("--bias", action="store_true", help="biases in Linear and LayerNorm layers (GPT-2 had them)")
-    parser.add_argument("--attn", default="auto", choices=["auto", "math", "sdpa", "flash"], help="attention path")
+    parser.add_argument("--attn", default="auto", choices=ATTENTION_PATHS, help="attention path")
     # optimization
-    parser.add_argument("--batch_size", type=int, default=None, help="sequences per micro-step")
-    parser.add_argument("--total_batch_tokens", type=int, default=None, help="tokens per optimizer step "
+    parser.add_argument("--batch_size", type=positive_int, help="sequences per micro-step")
+    parser.add_argument("--total_batch_tokens", type=positive_int, help="tokens per optimizer step "
                         "(gradient accumulation makes up the difference)")
-    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    parser.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps")
-    parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (beta1 is 0.9)")
-    parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    parser.add_argument("--max_steps", type=positive_int, help="optimizer steps")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
+    parser.add_argument("--warmup_steps", type=nonneg_int, help="linear warmup steps")
+    parser.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW weight decay on matrices")
+    parser.add_argument("--beta2", type=fraction, default=0.95, help="AdamW beta2 (beta1 is 0.9)")
+    parser.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the gradient norm to this (0: off)")
     # evaluation and logging
-    parser.add_argument("--eval_interval", type=int, default=None, help="steps between validation runs")
-    parser.add_argument("--eval_batches", type=int, default=None, help="batches per validation run")
-    parser.add_argument("--log_interval", type=int, default=None, help="steps between log lines")
-    parser.add_argument("--save_interval", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--eval_interval", type=positive_int, help="steps between validation runs")
+    parser.add_argument("--eval_batches", type=positive_int, help="batches per validation run")
+    parser.add_argument("--log_interval", type=positive_int, help="steps between log lines")
+    parser.add_argument("--save_interval", type=positive_int, default=100, help="steps between checkpoints")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
-    parser.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: on CUDA)")
+    parser.add_argument("--compile", type=int, choices=(0, 1), default=None, help="torch.compile the model "
+                        "(default: on CUDA)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds init and batch sampling")
-    args = apply_preset(parser.parse_args(), PRESETS)
+    args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -180,8 +90,9 @@ if __name__ == "__main__":
     enc = load_tokenizer(args.tokenizer)
     train_data, val_data = load_tokens(args.data, "train", enc), load_tokens(args.data, "val", enc)
     tokens_per_micro = args.batch_size * args.block_size
-    assert args.total_batch_tokens % tokens_per_micro == 0, \
-        f"total_batch_tokens {args.total_batch_tokens} must be a multiple of batch_size * block_size = {tokens_per_micro}"
+    if args.total_batch_tokens % tokens_per_micro:
+        raise ValueError(f"--total_batch_tokens {args.total_batch_tokens} must be a multiple of batch_size * "
+                         f"block_size = {tokens_per_micro} (gradient accumulation takes whole micro-steps)")
     grad_accum_steps = args.total_batch_tokens // tokens_per_micro
     print(f"data: {len(train_data):,} train / {len(val_data):,} val tokens | {grad_accum_steps} micro-steps "
           f"of {tokens_per_micro:,} tokens per step")
@@ -218,7 +129,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # optimizer
-    optimizer = configure_optimizer(raw_model, args.lr, args.weight_decay, (0.9, args.beta2), device)
+    optimizer = raw_model.configure_optimizers(args.lr, args.weight_decay, (0.9, args.beta2), device.type)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
 
@@ -229,7 +140,7 @@ if __name__ == "__main__":
         """Mean loss on the same eval_batches windows every time (a fixed seed), so curves from
         different runs on this corpus are directly comparable."""
         model.eval()
-        rng = torch.Generator().manual_seed(0)
+        rng = torch.Generator().manual_seed(VAL_SEED)
         losses = []
         for _ in range(args.eval_batches):
             x, y = get_batch(val_data, args.batch_size, args.block_size, rng, device)
@@ -263,7 +174,7 @@ if __name__ == "__main__":
             val = val_loss()
             log_metrics(log_path, step=step, val_loss=val)
             tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f}")
-        if step > start_step and (step % args.save_interval == 0 or last_step):
+        if last_step or (step > start_step and step % args.save_interval == 0):
             save(step, finished=last_step)
         if last_step:
             break
@@ -275,12 +186,8 @@ if __name__ == "__main__":
             with autocast:
                 _, loss = model(x, y)
             (loss / grad_accum_steps).backward()  # the mean over the whole step's tokens
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
         lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = clip_and_step(raw_model, optimizer, lr, args.grad_clip)
         synchronize(device)
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -303,7 +210,6 @@ if __name__ == "__main__":
                    mfu=flops_per_step / median / peak, peak_flops=peak, train_seconds=elapsed,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else device.type,
                    init_from=args.init_from)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"done: val loss {val:.4f} | {summary['tok_per_s']:,.0f} tok/s | mfu {summary['mfu'] * 100:.1f}% | "
           f"{elapsed / 60:.1f} min training")

@@ -30,23 +30,27 @@ import json
 import os
 import random
 import time
+from statistics import fmean
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import (HelpFormatter, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
+                    positive_float, positive_int, setup_device, write_json)
 from data import EOT, encode_chat, load_tokenizer
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from pretrain import apply_preset, configure_optimizer, cosine_lr, log_metrics, setup_device
-from sft import mean, sample_responses
-from tasks import RULES, gold_eval_many, labeler_agreement, labeler_rank, make_tasks, probe_rules
+from model import load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
+from tasks import (RULES, best_of_n, gold_eval_many, labeler_agreement, labeler_rank, probe_rules, prompt_set,
+                   sample_responses)
 
 PRESETS = {
     "quick": dict(n_prompts=48, epochs=1, lr=1e-3, n_eval=16, best_of=(1, 2, 4)),
     "cpu": dict(n_prompts=1000, epochs=2, lr=3e-4, n_eval=150, best_of=(1, 2, 4, 8, 16)),
     "gpu": dict(n_prompts=8000, epochs=2, lr=1e-4, n_eval=500, best_of=(1, 2, 4, 8, 16, 32, 64)),
 }
+# seeds of the simulated humans and of sampling, as offsets from --seed
+SAMPLE_SEED, LABELER_SEED, AGREEMENT_SEED, BEST_OF_N_SEED, BEST_OF_N_LABELER_SEED = 0, 11, 12, 20, 21
+SCORE_BATCH = 64  # sequences per forward pass when scoring
 
 
 def pairwise_loss(rewards, ranking):
@@ -58,36 +62,11 @@ def pairwise_loss(rewards, ranking):
     return -F.logsigmoid(rewards[winners] - rewards[losers]).mean()
 
 
-def with_score_head(ckpt, n_scores, device):
-    """A GPT from a policy checkpoint with its scalar head added (zero-initialized, so every
-    response starts at score 0): the trunk of a reward, rule or value model."""
-    model = GPT(GPTConfig(**{**ckpt["model_args"], "n_scores": n_scores}))
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    assert sorted(missing) == ["score_head.bias", "score_head.weight"] and not unexpected, (missing, unexpected)
-    nn.init.zeros_(model.score_head.weight)
-    nn.init.zeros_(model.score_head.bias)
-    return model.to(device)
-
-
-def last_token_scores(model, sequences, pad_id, device, autocast):
-    """The scalar head at each sequence's last token, (N, n_scores): where a reward model reads
-    its verdict on a whole response (InstructGPT: the final token's output). Right padding never
-    reaches that position through causal attention."""
-    T = max(len(s) for s in sequences)
-    x = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        x[i, :len(s)] = torch.tensor(s)
-    last = torch.tensor([len(s) - 1 for s in sequences], device=device)
-    with autocast:
-        scores = model.scores(x.to(device))  # (N, T, n_scores)
-    return scores[torch.arange(len(sequences), device=device), last]
-
-
-def build_comparisons(policy, enc, tasks, k, autocast, seed, labeler_seed, prober_noise):
+def build_comparisons(policy, enc, tasks, k, seed, labeler_seed, prober_noise, max_new_tokens):
     """K samples per prompt from the policy, the gold judge's verdicts, one simulated labeler's
     ranking and the probers' rule labels. Returns one record per prompt."""
     prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
-    samples = sample_responses(policy, enc, prompts, k, 1.0, 96, autocast, torch.Generator().manual_seed(seed))
+    samples = sample_responses(policy, enc, prompts, k, 1.0, max_new_tokens, torch.Generator().manual_seed(seed))
     evals = gold_eval_many([t for t in tasks for _ in range(k)], [s["text"] for s in samples])
     rng = random.Random(labeler_seed)
     records = []
@@ -120,41 +99,39 @@ def pair_accuracy(scores, records, key):
     return right / max(1, total)
 
 
-def best_of_n(samples_scores, rule_probs, n, threshold=0.5):
-    """For each prompt, among its first n samples: drop those the rule model flags (any rule with
-    probability above threshold; keep all if all are flagged), then pick the highest preference
-    score. Returns (picked indices, their proxy scores)."""
-    picks = []
-    for group_scores, group_rules in zip(samples_scores, rule_probs):
-        candidates = [j for j in range(n) if max(group_rules[j]) <= threshold] or list(range(n))
-        picks.append(max(candidates, key=lambda j: group_scores[j]))
-    return picks
-
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # I/O
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
     parser.add_argument("--sft", default="out/sft/ckpt.pt", help="the SFT checkpoint: samples and both trunks")
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/reward", help="models, comparisons, log and summary go here")
     # data
-    parser.add_argument("--n_prompts", type=int, default=None, help="training prompts to sample and label")
-    parser.add_argument("--k", type=int, default=4, help="responses per prompt, ranked together (InstructGPT: 4-9)")
-    parser.add_argument("--prober_noise", type=float, default=0.05, help="chance a prober flips a rule label")
-    parser.add_argument("--val_share", type=float, default=0.1, help="share of prompts held out for accuracy")
+    parser.add_argument("--n_prompts", type=positive_int, help="training prompts to sample and label")
+    parser.add_argument("--k", type=positive_int, default=4, help="responses per prompt, ranked together "
+                        "(InstructGPT: 4-9)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest sampled response")
+    parser.add_argument("--prober_noise", type=fraction, default=0.05, help="chance a prober flips a rule label")
+    parser.add_argument("--val_share", type=fraction, default=0.1, help="share of prompts held out for accuracy")
     # optimization
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the comparisons")
-    parser.add_argument("--prompts_per_step", type=int, default=8, help="prompts (each K responses) per step")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    # evaluation
-    parser.add_argument("--n_eval", type=int, default=None, help="held-out prompts for best-of-n")
-    parser.add_argument("--best_of", type=int, nargs="+", default=None, help="values of n for best-of-n")
+    parser.add_argument("--epochs", type=positive_int, help="passes over the comparisons")
+    parser.add_argument("--prompts_per_step", type=positive_int, default=8, help="prompts (each K responses) per step")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
+    parser.add_argument("--warmup_share", type=fraction, default=0.05, help="share of the steps spent warming up")
+    parser.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the gradient norm (0: off)")
+    # evaluation and logging
+    parser.add_argument("--evals_per_epoch", type=positive_int, default=2, help="held-out accuracy runs per epoch")
+    parser.add_argument("--log_interval", type=positive_int, default=10, help="steps between log lines")
+    parser.add_argument("--n_eval", type=positive_int, help="held-out prompts for best-of-n")
+    parser.add_argument("--best_of", type=positive_int, nargs="+", help="values of n for best-of-n, doubling from 1")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, samples and labelers")
-    args = apply_preset(parser.parse_args(), PRESETS)
+    args = parse_args(parser, PRESETS)
+    if args.best_of[0] != 1 or any(b != 2 * a for a, b in zip(args.best_of, args.best_of[1:])):
+        parser.error(f"--best_of must double from 1 (1 2 4 ...), got {args.best_of}: the report compares each n "
+                     f"with the one before")
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -176,15 +153,15 @@ if __name__ == "__main__":
         print(f"loaded {len(records)} prompts of comparisons from {cache}")
     else:
         t0 = time.time()
-        records = build_comparisons(policy, enc, make_tasks("train", args.n_prompts, args.seed + 10), args.k,
-                                    autocast, args.seed, args.seed + 11, args.prober_noise)
+        with autocast:
+            records = build_comparisons(policy, enc, prompt_set("reward_train", args.n_prompts, args.seed), args.k,
+                                        args.seed + SAMPLE_SEED, args.seed + LABELER_SEED, args.prober_noise,
+                                        args.max_new_tokens)
         data_seconds = time.time() - t0
-        with open(f"{cache}.tmp", "w") as f:
-            json.dump(records, f)
-        os.replace(f"{cache}.tmp", cache)
+        write_json(cache, records)
     n_val = max(1, int(len(records) * args.val_share))
     train_records, val_records = records[n_val:], records[:n_val]
-    agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + 12))
+    agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
     print(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
           f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
           f"utility on {agreement:.1%} of non-tied pairs")
@@ -196,8 +173,8 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # optimizers
-    reward_opt = configure_optimizer(reward_model, args.lr, 0.0, (0.9, 0.95), device)
-    rule_opt = configure_optimizer(rule_model, args.lr, 0.0, (0.9, 0.95), device)
+    reward_opt = reward_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
+    rule_opt = rule_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
@@ -207,31 +184,37 @@ if __name__ == "__main__":
         reward_model.eval(), rule_model.eval()
         seqs = [s for r in recs for s in r["sequences"]]
         rewards, rule_probs = [], []
-        for start in range(0, len(seqs), 64):
-            rewards += last_token_scores(reward_model, seqs[start:start + 64], pad_id, device, autocast)[:, 0].tolist()
-            rule_probs += torch.sigmoid(last_token_scores(rule_model, seqs[start:start + 64], pad_id, device,
-                                                          autocast)).tolist()
+        for start in range(0, len(seqs), SCORE_BATCH):
+            with autocast:
+                rewards += reward_model.last_token_scores(seqs[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
+                rule_probs += torch.sigmoid(rule_model.last_token_scores(seqs[start:start + SCORE_BATCH],
+                                                                         pad_id)).tolist()
         reward_model.train(), rule_model.train()
         k = len(recs[0]["sequences"])
-        return [rewards[i:i + k] for i in range(0, len(rewards), k)], [rule_probs[i:i + k] for i in range(0, len(rule_probs), k)]
+        return ([rewards[i:i + k] for i in range(0, len(rewards), k)],
+                [rule_probs[i:i + k] for i in range(0, len(rule_probs), k)])
 
     def rule_accuracy(rule_probs, recs):
         """Per rule: accuracy of the rule model against the gold checker (not the noisy probers)."""
         flat_p = [p for group in rule_probs for p in group]
         flat_gold = [g for r in recs for g in r["gold_rules"]]
-        return {rule: mean((p[i] > 0.5) == g[i] for p, g in zip(flat_p, flat_gold)) for i, rule in enumerate(RULES)}
+        return {rule: fmean((p[i] > 0.5) == g[i] for p, g in zip(flat_p, flat_gold)) for i, rule in enumerate(RULES)}
 
     # -----------------------------------------------------------------------------
     # the loop: both models see the same prompts, K responses each, one forward pass per response
     steps_per_epoch = len(train_records) // args.prompts_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_records)} training prompts make no batch of --prompts_per_step "
+                         f"{args.prompts_per_step}: raise --n_prompts")
     max_steps = steps_per_epoch * args.epochs
+    eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
     order_rng = random.Random(args.seed)
     order = []
     t0 = time.time()
     reward_model.train(), rule_model.train()
     for step in tqdm(range(max_steps + 1), desc="reward", dynamic_ncols=True):
         last_step = step == max_steps
-        if step % max(1, steps_per_epoch // 2) == 0 or last_step:
+        if step % eval_every == 0 or last_step:
             val_scores, val_rules = score_records(val_records)
             metrics = dict(step=step, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
                            val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
@@ -248,21 +231,18 @@ if __name__ == "__main__":
             order = order_rng.sample(range(len(train_records)), len(train_records))
         batch = [train_records[order.pop()] for _ in range(args.prompts_per_step)]
         seqs = [s for r in batch for s in r["sequences"]]
-        rewards = last_token_scores(reward_model, seqs, pad_id, device, autocast)[:, 0].view(len(batch), args.k)
+        with autocast:
+            rewards = reward_model.last_token_scores(seqs, pad_id)[:, 0].view(len(batch), args.k)
+            rule_logits = rule_model.last_token_scores(seqs, pad_id)  # (B*K, n_rules)
         # one forward per response, every comparison of a prompt from the same K rewards (InstructGPT)
         pref_loss = torch.stack([pairwise_loss(rewards[i], r["ranking"]) for i, r in enumerate(batch)]).mean()
-        rule_logits = last_token_scores(rule_model, seqs, pad_id, device, autocast)  # (B*K, n_rules)
         labels = torch.tensor([lab for r in batch for lab in r["rule_labels"]], dtype=torch.float, device=device)
         rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
         (pref_loss + rule_loss).backward()  # two separate models: each gets only its own loss's gradient
-        lr = cosine_lr(step, args.lr, max(1, max_steps // 20), max_steps)
-        for model, opt in ((reward_model, reward_opt), (rule_model, rule_opt)):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
+        lr = cosine_lr(step, args.lr, max(1, int(max_steps * args.warmup_share)), max_steps)
+        clip_and_step(reward_model, reward_opt, lr, args.grad_clip)
+        clip_and_step(rule_model, rule_opt, lr, args.grad_clip)
+        if step % args.log_interval == 0:
             log_metrics(log_path, step=step, pref_loss=pref_loss.item(), rule_loss=rule_loss.item(), lr=lr)
             tqdm.write(f"step {step:4d}/{max_steps} | pairwise loss {pref_loss.item():.4f} | "
                        f"rule loss {rule_loss.item():.4f} | lr {lr:.1e}")
@@ -270,7 +250,7 @@ if __name__ == "__main__":
 
     # normalize: the SFT model's responses (the training samples) score 0 on average (InstructGPT)
     train_scores, _ = score_records(train_records)
-    offset = mean(s for group in train_scores for s in group)
+    offset = fmean(s for group in train_scores for s in group)
     with torch.no_grad():
         reward_model.score_head.bias -= offset
     save_checkpoint(os.path.join(args.out_dir, "reward.pt"), reward_model, "reward", enc, config=vars(args),
@@ -281,19 +261,19 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the final summary: accuracies, then best-of-n judged by the gold judge
     val_scores, val_rules = score_records(val_records)
-    eval_tasks = make_tasks("heldout_comp", args.n_eval, args.seed + 2)
-    n_max = max(args.best_of)
+    eval_tasks = prompt_set("eval", args.n_eval, args.seed)
     t0 = time.time()
-    eval_records = build_comparisons(policy, enc, eval_tasks, n_max, autocast, args.seed + 20, args.seed + 21,
-                                     args.prober_noise)
+    with autocast:
+        eval_records = build_comparisons(policy, enc, eval_tasks, max(args.best_of), args.seed + BEST_OF_N_SEED,
+                                         args.seed + BEST_OF_N_LABELER_SEED, args.prober_noise, args.max_new_tokens)
     scores, rule_probs = score_records(eval_records)
     rows = []
     for n in args.best_of:
-        picks = best_of_n(scores, rule_probs, n)
-        chosen = [(r, j) for r, j in zip(eval_records, picks)]  # the gold verdicts came with the samples
-        rows.append(dict(n=n, proxy_reward=mean(s[j] for s, j in zip(scores, picks)),
-                         gold_utility=mean(r["utilities"][j] for r, j in chosen), pass1=mean(r["passed"][j] for r, j in chosen),
-                         violation_rate=mean(any(r["gold_rules"][j]) for r, j in chosen)))
+        picks = best_of_n(scores, rule_probs, n)  # the gold verdicts came with the samples
+        rows.append(dict(n=n, proxy_reward=fmean(s[j] for s, j in zip(scores, picks)),
+                         gold_utility=fmean(r["utilities"][j] for r, j in zip(eval_records, picks)),
+                         pass1=fmean(r["passed"][j] for r, j in zip(eval_records, picks)),
+                         violation_rate=fmean(any(r["gold_rules"][j]) for r, j in zip(eval_records, picks))))
         print(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
               f"{rows[-1]['gold_utility']:+.3f} | pass@1 {rows[-1]['pass1']:.1%} | violations {rows[-1]['violation_rate']:.1%}")
     summary = dict(labeler_agreement=agreement, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
@@ -302,7 +282,6 @@ if __name__ == "__main__":
                    n_train_prompts=len(train_records), n_val_prompts=len(val_records), k=args.k,
                    data_seconds=data_seconds, rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
                    train_seconds=train_seconds, best_of_n=rows, best_of_n_seconds=time.time() - t0)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"reward model: held-out pair accuracy {summary['val_acc_labeler']:.1%} vs labelers, "
           f"{summary['val_acc_gold']:.1%} vs gold; labelers agree with gold on {agreement:.1%}")

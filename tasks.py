@@ -1,31 +1,29 @@
-"""The assistant world: programming requests with hidden tests, the simulated humans, the sandbox.
+"""The assistant world: programming requests with hidden tests, the simulated humans, the gold judge.
 
 A user asks for a small Python function in English; the assistant answers with code only. Requests come
 from a grammar of operations on ints, strings and lists composed 1 to 3 deep, with hidden asserts from a
 reference solution. The humans are simulated (as in AlpacaFarm) so that quality is measured exactly:
 demonstrators write SFT data, sometimes flawed; labelers rank K responses by a hidden utility plus noise
-(InstructGPT); probers label rule violations (Sparrow); the gold judge runs the hidden tests in a sandbox
-(pass@k, Codex). Splits: 'train'; 'heldout_comp', op combinations never in train; 'heldout_phrase', train
-combinations in sentence templates never used in train.
+(InstructGPT); probers label rule violations (Sparrow); the gold judge runs the hidden tests in the sandbox
+(sandbox.py) and computes pass@k (Codex). Splits: 'train'; 'heldout_comp', op combinations never in train;
+'heldout_phrase', train combinations in sentence templates never used in train. Judging a policy (sampling
+its answers, running them, pass@k, reranking) lives here too, so that every stage judges the same way.
 """
 import ast
 import contextlib
 import hashlib
 import itertools
-import marshal
 import math
-import os
 import random
 import re
-import secrets
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from statistics import fmean
+
+import torch
+
+from data import END, EOT, encode_chat
+from sandbox import EXEC_TIMEOUT, execute, execute_many  # noqa: F401 (execute: importable here for callers)
 
 # -----------------------------------------------------------------------------
 # the grammar. Each op: input and output type, a word for function names, the choices of each
@@ -199,6 +197,27 @@ def make_tasks(split, n, seed):
             tasks.append(Task(prompt, func, arg, t, ops, tests, reference, consts, (frame, *picks)))
     return tasks
 
+
+# The prompt sets, by name: (split, offset added to the run's seed). Every stage draws its prompts
+# through prompt_set(), so that 'eval' is the same 150 prompts in sft.py, reward.py, ppo.py and the
+# report by construction, not because three files repeat `seed + 2`.
+PROMPT_SETS = {
+    'sft_train': ('train', 0),             # the demonstrations' requests
+    'sft_val': ('heldout_comp', 1),        # SFT validation loss
+    'eval': ('heldout_comp', 2),           # the held-out prompts every stage is judged on
+    'eval_phrase': ('heldout_phrase', 3),  # held-out sentence frames
+    'eval_train': ('train', 4),            # training combinations and frames, new draws
+    'few_shot': ('train', 5),              # the worked examples in the base model's prompt
+    'reward_train': ('train', 10),         # prompts sampled, ranked and probed for the reward models
+    'ppo_train': ('train', 30),            # PPO's rollout prompts
+}
+
+
+def prompt_set(name, n, seed):
+    """The first n tasks of a named prompt set (deterministic in name, n and seed)."""
+    split, offset = PROMPT_SETS[name]
+    return make_tasks(split, n, seed + offset)
+
 # -----------------------------------------------------------------------------
 # the demonstrators: correct code in varied styles, and sometimes one realistic flaw
 
@@ -318,99 +337,6 @@ def labeler_agreement(utility_lists, rng, noise=LABELER_NOISE):
     return agree / total
 
 # -----------------------------------------------------------------------------
-# the sandbox: untrusted code runs in a child process, see execute()
-
-MEMORY_LIMIT = 512 * 2**20  # bytes of address space, roomy for Python's startup
-OUTPUT_LIMIT = 256 * 2**10  # bytes the child may write to any file, its captured output included
-NOBODY = 65534
-EXEC_TIMEOUT = 3.0
-# Runs in the child before the untrusted code. The success token comes in a file deleted at once,
-# so it lives only in this process's memory, never in argv or the environment.
-HARNESS = r'''
-import _io, builtins, io, marshal, os, posix, resource, sys
-with open(sys.argv[1], 'rb') as fh:
-    program, tests, token, limits = marshal.load(fh)
-os.remove(sys.argv[1])
-write, exit_now = os.write, os._exit  # the harness keeps these; the guard takes them from the program
-import collections, functools, itertools, math, re, string  # what a program may import in the chroot
-for name, value in limits.items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if os.getuid() == 0:  # lock the program in the scratch dir as nobody (RLIMIT_NPROC does not bind root)
-    try:
-        os.chroot('.'); os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    except OSError:  # not permitted here: only the guard below stops forks and writes
-        pass
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (nor threads)
-def blocked(*args, **kwargs):
-    raise PermissionError('blocked by the sandbox')
-for name in ('fork forkpty system popen execv execve spawnv spawnve posix_spawn posix_spawnp kill killpg abort '
-             '_exit remove unlink rmdir removedirs rename renames replace truncate chmod chown lchown link '
-             'symlink mkfifo mknod putenv unsetenv setuid setgid setsid chdir chroot open').split():
-    setattr(os, name, blocked); setattr(posix, name, blocked)  # os re-exports posix's functions
-for name in ('subprocess', 'multiprocessing', '_posixsubprocess', 'ctypes', '_ctypes', 'socket', '_socket'):
-    sys.modules[name] = None  # importing it now raises ImportError
-real_open = builtins.open
-def read_only_open(file, mode='r', *args, **kwargs):
-    if set(mode) & set('wax+'):
-        raise PermissionError('writing files is blocked by the sandbox')
-    return real_open(file, mode, *args, **kwargs)
-builtins.open = io.open = _io.open = read_only_open
-namespace, status = {'__name__': '__main__'}, 'error'
-try:
-    exec(compile(program, '<program>', 'exec'), namespace)
-    try:
-        exec(compile(tests, '<tests>', 'exec'), namespace)
-        status = 'pass'
-    except AssertionError:
-        status = 'fail'
-except BaseException:  # errors, SystemExit, KeyboardInterrupt: the tests did not run through
-    pass
-write(1, f'\n{token} {status}\n'.encode())
-exit_now(0)  # skip any atexit handlers and finalizers the program left
-'''
-
-
-def execute(program, tests, timeout=EXEC_TIMEOUT):
-    """Run program then tests in a sandboxed child: "pass"; "fail" (an assert failed); "error" (syntax
-    or runtime error, or the program exited or was killed before the tests reported); "timeout" (wall
-    clock or CPU time). Only a line with this run's random token, written by the harness after the
-    tests, reports pass or fail, so printing "pass" or exiting early does not fake one."""
-    scratch, token = tempfile.mkdtemp(prefix='sandbox-'), secrets.token_hex(16)
-    try:
-        job = os.path.join(scratch, 'job')
-        limits = {'RLIMIT_CPU': math.ceil(timeout) + 1, 'RLIMIT_AS': MEMORY_LIMIT, 'RLIMIT_FSIZE': OUTPUT_LIMIT,
-                  'RLIMIT_CORE': 0}
-        with open(job, 'wb') as fh:
-            marshal.dump((program, tests, token, limits), fh)
-        if os.getuid() == 0:
-            os.chown(scratch, NOBODY, NOBODY)  # the child works here as nobody
-        with tempfile.TemporaryFile() as out:  # unnamed: only the child's stdout and stderr reach it
-            proc = subprocess.Popen([sys.executable, '-I', '-S', '-c', HARNESS, job], cwd=scratch, env={},
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:  # the whole process group, should anything have escaped the fork block
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            out.seek(0)
-            output = out.read()  # at most OUTPUT_LIMIT bytes
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU):  # our kill at the wall-clock limit, or RLIMIT_CPU
-        return 'timeout'
-    return next((s for s in ('pass', 'fail') if f'\n{token} {s}\n'.encode() in output), 'error')
-
-
-def execute_many(jobs, timeout=EXEC_TIMEOUT, workers=None):
-    """execute() over (program, tests) pairs in parallel; results in input order."""
-    # a run mostly waits (process start-up, polling for its exit), so by default 4 per core
-    with ThreadPoolExecutor(workers or 4 * os.cpu_count()) as pool:
-        return list(pool.map(lambda job: execute(*job, timeout), jobs))
-
-# -----------------------------------------------------------------------------
 # the gold judge and evaluation helpers
 
 
@@ -444,3 +370,81 @@ def extract_code(response):
     end = next((i for i, line in enumerate(lines) if line.strip() and not line[0].isspace()
                 and not line.startswith(('def ', 'import ', 'from ', '@', 'class '))), len(lines))
     return '\n'.join(lines[:end]).strip('\n') + '\n'
+
+# -----------------------------------------------------------------------------
+# judging a policy: sample its answers, run them, pass@k, reranking
+
+
+@torch.no_grad()
+def sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, generator=None, batch_size=256):
+    """n_samples responses to each prompt (token lists), prompt-major, generated in batches with the
+    KV cache (run it under the stage's autocast). Each is a dict: tokens (the response, its end token
+    included when it ended), logprobs (per token), text (decoded, end token dropped) and ended."""
+    model.eval()
+    end_id, pad_id = enc.encode_single_token(END), enc.encode_single_token(EOT)
+    jobs = [p for p in prompts for _ in range(n_samples)]
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        tokens, logprobs, lengths = model.generate(jobs[start:start + batch_size], max_new_tokens, temperature,
+                                                   eos_id=end_id, pad_id=pad_id, generator=generator)
+        for row, lps, n in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist()):
+            ended = row[n - 1] == end_id
+            out.append(dict(tokens=row[:n], logprobs=lps[:n], ended=ended,
+                            text=enc.decode(row[:n - 1] if ended else row[:n])))
+    return out
+
+
+def judge_responses(tasks, responses):
+    """The gold judge's summary of one response per task: pass rate, mean utility, share breaking
+    a rule, and the per-response utilities (for win rates)."""
+    evals = gold_eval_many(tasks, [r['text'] for r in responses])
+    return dict(pass1=fmean(e['passed'] for e in evals), utility=fmean(e['utility'] for e in evals),
+                violation_rate=fmean(any(e['violations'].values()) for e in evals),
+                ended=fmean(r['ended'] for r in responses), utilities=[e['utility'] for e in evals],
+                passed=[e['passed'] for e in evals], examples=[r['text'] for r in responses[:3]])
+
+
+def evaluate_policy(model, enc, tasks, n_samples=0, temperature=1.0, max_new_tokens=96, seed=0):
+    """The gold judge on a chat policy: its greedy answers and, with n_samples, n samples per prompt
+    at the temperature (the distribution RL optimizes): their pass rate, utility and rule violations,
+    pass@k for k = 1..n_samples, and pass@1 of the sample with the highest mean token log-probability
+    (Codex's reranking, Chen et al. 2021, sec. 3.3) against a random pick. Returns (metrics, samples)."""
+    prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
+    m = dict(greedy=judge_responses(tasks, sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens)))
+    samples = []
+    if n_samples:
+        g = torch.Generator().manual_seed(seed)
+        samples = sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, g)
+        m['sampled'] = judge_responses([t for t in tasks for _ in range(n_samples)], samples)
+        passed = m['sampled']['passed']
+        groups = [range(i * n_samples, (i + 1) * n_samples) for i in range(len(tasks))]
+        counts = [sum(passed[j] for j in group) for group in groups]
+        m['pass_at_k'] = {k: fmean(pass_at_k(n_samples, c, k) for c in counts) for k in range(1, n_samples + 1)}
+        best = [max(group, key=lambda j: fmean(samples[j]['logprobs'])) for group in groups]
+        m['pass1_reranked_logp'] = fmean(passed[j] for j in best)
+    return m, samples
+
+
+@torch.no_grad()
+def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=80, batch_size=64):
+    """A base model, prompted with worked examples instead of fine-tuned: greedy pass@1."""
+    texts = [few_shot_prompt(shots, t, [s.reference for s in shots]) for t in tasks]
+    prompts = [enc.encode_ordinary(text)[-(model.config.block_size - max_new_tokens):] for text in texts]
+    model.eval()
+    responses = []
+    for start in range(0, len(prompts), batch_size):
+        tokens, _, _ = model.generate(prompts[start:start + batch_size], max_new_tokens, 0.0)
+        responses += [extract_code(enc.decode(row)) for row in tokens.tolist()]
+    evals = gold_eval_many(tasks, responses)
+    return dict(pass1=fmean(e['passed'] for e in evals), examples=responses[:3])
+
+
+def best_of_n(samples_scores, rule_probs, n, threshold=0.5):
+    """Reranking (Sparrow; LaMDA's filtering): for each prompt, among its first n samples, drop those
+    the rule model flags (any rule with probability above threshold; keep all if all are flagged),
+    then pick the highest preference score. Returns the picked indices."""
+    picks = []
+    for group_scores, group_rules in zip(samples_scores, rule_probs):
+        candidates = [j for j in range(n) if max(group_rules[j]) <= threshold] or list(range(n))
+        picks.append(max(candidates, key=lambda j: group_scores[j]))
+    return picks

@@ -138,11 +138,10 @@ def training_step_ms(path, p, reps):
     """Milliseconds per training step (forward, backward, AdamW) of the gpu preset's model with
     one attention path, or None when it does not fit in memory."""
     from model import GPT, GPTConfig
-    from pretrain import configure_optimizer
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],
                           vocab_size=4096, attn=path)).cuda()
-    opt = configure_optimizer(model, 6e-4, 0.1, (0.9, 0.95), torch.device("cuda"))
+    opt = model.configure_optimizers(6e-4, 0.1, (0.9, 0.95), "cuda")
     x = torch.randint(0, 4096, (p["batch_size"], p["block_size"]), device="cuda")
 
     def step():
@@ -162,7 +161,8 @@ def bench_training_step(reps):
     4096-token vocabulary, with each attention path: bf16 autocast, eager (torch.compile would
     take minutes per path). Tokens/s and MFU against the card's datasheet peak."""
     from model import GPT, GPTConfig
-    from pretrain import PRESETS, peak_flops
+    from common import peak_flops
+    from pretrain import PRESETS
     p = PRESETS["gpu"]
     tokens, peak = p["batch_size"] * p["block_size"], peak_flops(torch.device("cuda"))
     flops = GPT(GPTConfig(n_layer=p["n_layer"], n_head=p["n_head"], n_embd=p["n_embd"], block_size=p["block_size"],

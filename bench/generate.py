@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
-from pretrain import setup_device, synchronize  # noqa: E402
+from common import setup_device, synchronize  # noqa: E402
 
 
 @torch.no_grad()

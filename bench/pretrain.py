@@ -27,7 +27,7 @@ from torch.nn import functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import load_tokenizer  # noqa: E402
-from pretrain import peak_flops, setup_device, synchronize  # noqa: E402
+from common import peak_flops, setup_device, synchronize  # noqa: E402
 
 
 class RefBlock(nn.Module):

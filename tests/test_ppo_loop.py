@@ -2,33 +2,31 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
-import sysconfig
 
 import pytest
 import torch
 
-from data import encode_chat, load_tokenizer, prose_of, save_tokenizer, train_bpe, write_tokens
+from conftest import textwrap_docs
+from data import encode_chat, write_tokens
 from model import GPT, GPTConfig, save_checkpoint
-from reward import last_token_scores, pairwise_loss
 from tasks import make_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tokenizer_path, enc, preference_trainer):
     """Tiny checkpoints for every input of ppo.py. The SFT checkpoint has dropout 0.2 in its config,
     which ppo.py must switch off. The reward model is taught a programmatic preference: responses
     containing one of a fixed tenth of the vocabulary score higher."""
     root = tmp_path_factory.mktemp("ppo")
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")) as f:
-        source = f.read()
-    save_tokenizer(root / "tokenizer.json", train_bpe([source, prose_of(source)], 320))
-    enc = load_tokenizer(root / "tokenizer.json")
+    shutil.copy(tokenizer_path, root / "tokenizer.json")
     (root / "generic").mkdir()
     for split in ("train", "val"):
-        write_tokens(enc, [prose_of(source)] * 4, str(root / "generic" / f"{split}.bin"))
+        write_tokens(enc, [textwrap_docs()[1]] * 4, str(root / "generic" / f"{split}.bin"))
     (root / "generic" / "meta.json").write_text(json.dumps(dict(tokenizer=enc.name, dtype="uint16")))
     shape = dict(block_size=320, vocab_size=enc.n_vocab, n_layer=1, n_head=2, n_embd=32)
     torch.manual_seed(0)
@@ -36,26 +34,18 @@ def world(tmp_path_factory):
     save_checkpoint(root / "sft.pt", policy, "sft", enc, step=0)
     policy.eval()
     prompts = [encode_chat(enc, t.prompt)[0] for t in make_tasks("train", 32, 0)]
-    rng = random.Random(0)
-    favoured = rng.sample(range(enc.n_vocab - 4), 32)  # a tenth of the ordinary tokens
+    favoured = random.Random(0).sample(range(enc.n_vocab - 4), (enc.n_vocab - 4) // 10)  # a tenth of the tokens
     others = [t for t in range(enc.n_vocab - 4) if t not in favoured]
+
+    def pair(rng):  # a prompt and two responses, the same but for a favoured token in one
+        without = [rng.choice(others) for _ in range(8)]
+        with_target = list(without)
+        with_target[rng.randrange(8)] = rng.choice(favoured)
+        prompt = rng.choice(prompts)
+        return prompt + with_target, prompt + without
+
     rm = GPT(GPTConfig(**shape, n_scores=1))
-    opt = torch.optim.AdamW(rm.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(250):  # a prompt and two responses, the same but for the target token in one
-        pairs = []
-        for _ in range(8):
-            without = [rng.choice(others) for _ in range(8)]
-            with_target = list(without)
-            with_target[rng.randrange(8)] = rng.choice(favoured)
-            prompt = rng.choice(prompts)
-            pairs += [prompt + with_target, prompt + without]
-        r = last_token_scores(rm, pairs, 0, torch.device("cpu"), torch.autocast("cpu", enabled=False))[:, 0]
-        loss = torch.stack([pairwise_loss(r[i:i + 2], [0, 1]) for i in range(0, len(pairs), 2)]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = preference_trainer(rm, pair, 250)
     assert sum(losses[-10:]) / 10 < 0.2
     save_checkpoint(root / "reward.pt", rm, "reward", enc)
     save_checkpoint(root / "rules.pt", GPT(GPTConfig(**shape, n_scores=2)), "rules", enc)

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint
-from reward import best_of_n, last_token_scores, pair_accuracy, pairwise_loss, with_score_head
+from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint, with_score_head
+from reward import pair_accuracy, pairwise_loss
+from tasks import best_of_n
 
 CPU = torch.device("cpu")
-NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+
 
 
 def test_pairwise_loss_and_gradient_by_hand():
@@ -43,37 +44,30 @@ def test_k_choose_2_in_one_batch_equals_pair_by_pair():
     torch.nn.init.normal_(model.score_head.weight)
     responses = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]]
     ranking = [2, 0, 3, 1]
-    r = last_token_scores(model, responses, 0, CPU, NO_AUTOCAST)[:, 0]
+    r = model.last_token_scores(responses, 0)[:, 0]
     batched = pairwise_loss(r, ranking)
     separate = []
     for w, l in itertools.combinations(ranking, 2):  # each comparison as its own two-sequence batch
-        pair = last_token_scores(model, [responses[w], responses[l]], 0, CPU, NO_AUTOCAST)[:, 0]
+        pair = model.last_token_scores([responses[w], responses[l]], 0)[:, 0]
         separate.append(-F.logsigmoid(pair[0] - pair[1]))
     torch.testing.assert_close(batched, torch.stack(separate).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_reward_model_learns_a_synthetic_preference():
+def test_a_reward_model_learns_a_synthetic_preference(preference_trainer):
     """Prefer responses that contain token 7: held-out pairwise accuracy must be high."""
     model = tiny_rm(vocab=40)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
 
-    def pair():
+    def pair(rng):
         base = [rng.choice([t for t in range(1, 40) if t != 7]) for _ in range(6)]
         good = list(base)
         good[rng.randrange(6)] = 7
         return good, base
 
-    for _ in range(120):
-        seqs = [s for _ in range(8) for s in pair()]
-        r = last_token_scores(model, seqs, 0, CPU, NO_AUTOCAST)[:, 0]
-        loss = torch.stack([pairwise_loss(r[i:i + 2], [0, 1]) for i in range(0, 16, 2)]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    preference_trainer(model, pair, 120)
+    rng = random.Random(1)
     with torch.no_grad():
-        held_out = [pair() for _ in range(100)]
-        r = last_token_scores(model, [s for p in held_out for s in p], 0, CPU, NO_AUTOCAST)[:, 0]
+        held_out = [pair(rng) for _ in range(100)]
+        r = model.last_token_scores([s for p in held_out for s in p], 0)[:, 0]
     accuracy = (r[0::2] > r[1::2]).float().mean().item()
     assert accuracy > 0.9
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks import execute, execute_many
+from sandbox import execute, execute_many
 
 OK = 'def f(x):\n    return x + 1\n'
 TESTS = 'assert f(1) == 2\nassert f(-3) == -2\n'

@@ -1,20 +1,7 @@
-import os
-import sysconfig
-
-import pytest
 import torch
 
-from data import ASSISTANT, EOT, chat_batch, encode_chat, load_tokenizer, save_tokenizer, train_bpe
+from data import ASSISTANT, EOT, chat_batch, encode_chat
 from model import GPT, GPTConfig
-
-
-@pytest.fixture(scope="module")
-def enc(tmp_path_factory):
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py")) as f:
-        text = f.read()
-    path = tmp_path_factory.mktemp("sft") / "tokenizer.json"
-    save_tokenizer(path, train_bpe([text], 400))
-    return load_tokenizer(path)
 
 
 def test_prompt_tokens_as_targets_never_change_the_loss(enc):

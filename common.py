@@ -1,0 +1,162 @@
+"""
+The few helpers every stage script shares, and nothing else: flags and presets, the device and
+its autocast, the learning-rate schedule, the end of a training step, the JSONL log, the Ctrl-C
+flag, atomic JSON files and the FLOP/s that MFU divides by.
+
+Everything about the GPT lives on the GPT (model.py); everything about judging a policy lives in
+the world (tasks.py). What is here is plumbing a stage would otherwise write out identically.
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# flags: presets that fill the defaults, so that --help shows what a flag will be
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's value under the chosen preset."""
+
+
+def parse_args(parser, presets, argv=None):
+    """Parse with the chosen preset's values as the defaults: `--preset quick --help` shows the
+    quick values, and any flag given on the command line wins. Prints the whole config."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="cpu", choices=sorted(presets))
+    known, _ = pre.parse_known_args(argv)
+    parser.set_defaults(**presets[known.preset])
+    args = parser.parse_args(argv)
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    return args
+
+
+def _bounded(kind, low, inclusive, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
+        return value
+    return parse
+
+
+# flag types: a bad value is a one-line usage error naming the flag (exit code 2), never a
+# ZeroDivisionError three screens into a run
+positive_int = _bounded(int, 1, True, "an integer >= 1")
+nonneg_int = _bounded(int, 0, True, "an integer >= 0")
+positive_float = _bounded(float, 0.0, False, "a number > 0")
+nonneg_float = _bounded(float, 0.0, True, "a number >= 0")
+
+
+def fraction(text):
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: must be in [0, 1)")
+    return value
+
+# -----------------------------------------------------------------------------
+# device
+
+
+def setup_device(name="auto"):
+    """(device, autocast context): cuda, then mps, then cpu; bf16 autocast where supported."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return device, autocast
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# datasheet bf16 dense peaks, for MFU on known GPUs (others are measured)
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """The FLOP/s that MFU divides by: a known GPU's datasheet bf16 peak, otherwise the measured
+    rate of a large matmul on this device, the best any model's matmuls could do here."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change a matmul's speed
+    b = torch.ones(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(8):  # the fastest of several trials: the first warms up, others may share the machine
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+# -----------------------------------------------------------------------------
+# the training step
+
+
+def cosine_lr(step, max_lr, warmup_steps, max_steps, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * max_lr (GPT-3, Brown et al. 2020, sec. B)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def clip_and_step(model, optimizer, lr, grad_clip):
+    """The end of every training step, the same in every stage: clip the gradient norm, set the
+    learning rate by hand, step, drop the gradients. Returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def log_metrics(path, **fields):
+    """Append one JSON line to the stage's log."""
+    with open(path, "a") as f:
+        f.write(json.dumps(fields) + "\n")
+
+
+class StopFlag:
+    """Ctrl-C sets a flag instead of raising mid-step, so the loop can save a consistent state
+    (after a whole optimizer step) and exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.stop = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.stop = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        tqdm.write("interrupted: saving at the end of this step (Ctrl-C again to abort)")
+
+
+def write_json(path, obj):
+    """Write atomically, like checkpoints: a run killed mid-write leaves no half file behind."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp", path)
