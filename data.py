@@ -41,7 +41,10 @@ from tqdm import tqdm
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END)  # documents end with EOT; chats use the other three
+CALL, CALL_END, RESULT, RESULT_END = "<|call|>", "<|/call|>", "<|result|>", "<|/result|>"
+# documents end with EOT; chats use USER, ASSISTANT and END; a tool call (LaMDA's toolset) is
+# CALL query CALL_END, written by the assistant, and RESULT text RESULT_END, written by the tool
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END, CALL, CALL_END, RESULT, RESULT_END)
 VAL_EVERY = 20  # one file in 20 goes to validation
 
 # -----------------------------------------------------------------------------
@@ -330,20 +333,52 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 # -----------------------------------------------------------------------------
 # the chat format, the same for every stage after pretraining:
-#   <|endoftext|> <|user|> request <|assistant|> response <|end|>
+#   <|endoftext|> <|user|> request <|assistant|> response <|end|> <|user|> request <|assistant|> ...
+# A response is text, or a list of (kind, text) segments: "text" the assistant writes, "call" a tool
+# call it writes (<|call|> query <|/call|>), "result" what the tool returned (<|result|> text <|/result|>).
+
+
+def encode_response(enc, response):
+    """Tokens of one assistant turn, its end token included, and the mask of the tokens the
+    assistant writes: 1 on its text, its calls and its end token, 0 on tool results, which it
+    only reads (they are never trained on, and never counted as the policy's actions)."""
+    segments = [("text", response)] if isinstance(response, str) else response
+    special = enc.encode_single_token
+    tokens, mask = [], []
+    for kind, text in segments:
+        if kind == "text":
+            piece = enc.encode_ordinary(text)
+        elif kind == "call":
+            piece = [special(CALL), *enc.encode_ordinary(text), special(CALL_END)]
+        elif kind == "result":  # untrusted text: ordinary tokens only, never special ones
+            piece = [special(RESULT), *enc.encode_ordinary(text), special(RESULT_END)]
+        else:
+            raise ValueError(f"unknown response segment kind {kind!r} (text, call or result)")
+        tokens += piece
+        mask += [int(kind != "result")] * len(piece)
+    return tokens + [special(END)], mask + [1]
+
+
+def encode_conversation(enc, turns):
+    """Tokens of a conversation, a list of (user request, assistant response) pairs, and the mask
+    of the assistant's tokens (every assistant turn is trained on). A last response of None leaves
+    the conversation open after <|assistant|>, ready for generation."""
+    tokens, mask = [enc.encode_single_token(EOT)], [0]
+    for request, response in turns:
+        prompt = [enc.encode_single_token(USER), *enc.encode_ordinary(request), enc.encode_single_token(ASSISTANT)]
+        tokens += prompt
+        mask += [0] * len(prompt)
+        if response is not None:
+            answer, answer_mask = encode_response(enc, response)
+            tokens += answer
+            mask += answer_mask
+    return tokens, mask
 
 
 def encode_chat(enc, prompt, response=None):
-    """Tokens of one exchange, and a mask that is 1 exactly on the tokens the assistant writes
-    (its response and the end token). Without a response: the prompt, ready for generation."""
-    tokens = [enc.encode_single_token(EOT), enc.encode_single_token(USER), *enc.encode_ordinary(prompt),
-              enc.encode_single_token(ASSISTANT)]
-    mask = [0] * len(tokens)
-    if response is not None:
-        answer = enc.encode_ordinary(response) + [enc.encode_single_token(END)]
-        tokens += answer
-        mask += [1] * len(answer)
-    return tokens, mask
+    """One exchange: tokens and the mask that is 1 exactly on what the assistant writes. Without
+    a response: the prompt, ready for generation."""
+    return encode_conversation(enc, [(prompt, response)])
 
 
 def chat_batch(examples, pad_id, device):

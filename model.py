@@ -15,6 +15,7 @@ written out by hand so that a student can read all of it.
 """
 import math
 import os
+from collections import namedtuple
 from dataclasses import asdict, dataclass
 
 import torch
@@ -283,17 +284,24 @@ class GPT(nn.Module):
         return self.scores(x.to(device))[torch.arange(len(sequences), device=device), last]
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_id=None, pad_id=0, generator=None):
-        """Continue each prompt (a list of token-id lists, lengths may differ) by up to
-        max_new_tokens tokens, all prompts in one batch with a KV cache. temperature=0 is greedy.
+    def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        eos_id=None, pad_id=0, generator=None, tool_runner=None):
+        """The generation engine every stage, evaluation and the chat program use: continue each
+        prompt (a list of token-id lists, lengths may differ) by up to max_new_tokens tokens, all in
+        one batch with a KV cache, yielding after every step (rows, tokens, logprobs, forced): the
+        indices of the prompts that got a token, the tokens (b,), their log-probabilities under
+        softmax(logits / temperature) before any top-k/top-p truncation, i.e. under the policy itself
+        (plain softmax when greedy, temperature=0), and which tokens were forced rather than sampled.
 
-        Prompts are left-padded so that every sequence's next token sits in the same column; a
-        mask keeps the padding out of attention and positions restart at 0 for each prompt.
-        Returns (tokens, logprobs, lengths): (B, N) new tokens with pad_id after the end token,
-        (B, N) their log-probabilities under softmax(logits / temperature) (plain softmax when
-        greedy) before any top-k/top-p truncation, i.e. under the policy itself, 0 after the end;
-        and (B,) how many tokens each response has, end token included."""
+        Prompts are left-padded so that every sequence's next token sits in the same column; a mask
+        keeps the padding out of attention and positions restart at 0 for each prompt. A sequence
+        leaves the batch (and the cache) when it samples eos_id.
+
+        Tools (LaMDA's toolset): when a row samples tool_runner.call_end_id, tool_runner(the row's
+        response so far) returns the tokens of the tool's result, which are fed to that row one per
+        step as forced tokens while the other rows keep sampling. A forced token is not the policy's
+        action: its log-probability is reported as 0 and `forced` marks it, so that no later stage
+        trains on it."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         if P + max_new_tokens > self.config.block_size:
@@ -313,19 +321,30 @@ class GPT(nn.Module):
         cache = KVCache(self.config.n_layer, P + max_new_tokens)
         logits = self(idx, positions=positions, mask=mask, kv_cache=cache)[0][:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
-        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        logprobs = torch.zeros(B, max_new_tokens, device=device)
-        lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)  # the output row of each sequence still generating
+        rows = torch.arange(B, device=device)  # the prompt index of each sequence still generating
+        responses = [[] for _ in range(B)]  # what each row has written so far, for the tool runner
+        queued = {}  # prompt index -> tool-result tokens still to force into that row
         for t in range(max_new_tokens):
             logits = logits.float() / (temperature if temperature > 0 else 1.0)
             next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
-            tokens[rows, t] = next_tok
-            logprobs[rows, t] = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
-            ended = next_tok == eos_id if eos_id is not None else torch.zeros_like(next_tok, dtype=torch.bool)
-            lengths[rows[ended]] = t + 1
+            logprobs = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
+            forced = torch.zeros_like(next_tok, dtype=torch.bool)
+            if queued:  # rows in the middle of a tool result take its next token instead
+                for j, row in enumerate(rows.tolist()):
+                    if row in queued:
+                        next_tok[j], forced[j] = queued[row].pop(0), True
+                        if not queued[row]:
+                            del queued[row]
+                logprobs = logprobs.masked_fill(forced, 0.0)
+            if tool_runner is not None:
+                for j, (row, tok) in enumerate(zip(rows.tolist(), next_tok.tolist())):
+                    responses[row].append(tok)
+                    if tok == tool_runner.call_end_id and not forced[j]:
+                        queued[row] = list(tool_runner(responses[row]))
+            yield rows, next_tok, logprobs, forced
+            ended = (next_tok == eos_id) & ~forced if eos_id is not None else torch.zeros_like(forced)
             if bool(ended.all()) or t == max_new_tokens - 1:
-                break
+                return
             if bool(ended.any()):  # finished sequences leave the batch and the cache: no work on them
                 keep = ~ended
                 rows, next_tok, next_pos, valid = rows[keep], next_tok[keep], next_pos[keep], valid[keep]
@@ -333,7 +352,28 @@ class GPT(nn.Module):
             step_mask = valid[:, None, None, :P + t + 1] if padded else None  # (b, 1, 1, T_k)
             logits = self(next_tok[:, None], positions=next_pos[:, None], mask=step_mask, kv_cache=cache)[0][:, -1]
             next_pos += 1
-        return tokens, logprobs, lengths
+
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, pad_id=0,
+                 generator=None, tool_runner=None):
+        """generate_stream, collected: (tokens, logprobs, lengths, forced): (B, N) new tokens with pad_id
+        after the end token, (B, N) their log-probabilities (0 after the end and where forced), (B,)
+        how many tokens each response has, end token included, and (B, N) which tokens were forced
+        tool results rather than the policy's samples."""
+        device = self.lm_head.weight.device
+        B = len(prompts)
+        tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        forced = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        lengths = torch.zeros(B, dtype=torch.long, device=device)
+        for rows, tok, lp, frc in self.generate_stream(prompts, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                                       pad_id, generator, tool_runner):
+            t = lengths[rows]
+            tokens[rows, t], logprobs[rows, t], forced[rows, t] = tok, lp, frc
+            lengths[rows] += 1
+        return Generation(tokens, logprobs, lengths, forced)
+
+
+Generation = namedtuple("Generation", "tokens logprobs lengths forced")
 
 
 def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=None):

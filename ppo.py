@@ -66,18 +66,20 @@ def masked_whiten(x, mask, eps=1e-8):
 
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalized advantage estimation (Schulman et al. 2016) on (B, T) tensors where mask marks
-    each row's response tokens (one contiguous run). The episode ends after the last response
-    token, so the value after it is 0. Returns (advantages, returns), returns = advantages + values
-    (the value model's targets), both 0 outside the mask, before any whitening."""
+    each row's actions: its response tokens, with holes where a tool's result was forced (those
+    are the environment's moves, so the next action's value is the next state's). The episode ends
+    after the last action, so the value after it is 0. Returns (advantages, returns), returns =
+    advantages + values (the value model's targets), both 0 outside the mask, before whitening."""
     B, T = rewards.shape
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # the advantage of the next action
+    next_value = torch.zeros_like(running)  # the value at the next action; 0 after the last
     for t in reversed(range(T)):
-        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(running)
-        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(running)
+        acting = mask[:, t].bool()
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # the TD error
-        running = (delta + gamma * lam * next_mask * running) * mask[:, t]
-        advantages[:, t] = running
+        running = torch.where(acting, delta + gamma * lam * running, running)
+        next_value = torch.where(acting, values[:, t], next_value)
+        advantages[:, t] = running * mask[:, t]
     return advantages, (advantages + values) * mask
 
 
@@ -134,10 +136,11 @@ def policy_logprobs(model, x, targets, temperature):
     return token_logprobs(logits, targets), entropy
 
 
-def pack_rollouts(prompts, responses, pad_id, device):
+def pack_rollouts(prompts, responses, pad_id, device, forced=None):
     """Prompt + response, right-padded: inputs x and targets (B, L-1), and the mask of target
-    positions that are response tokens (the actions). Index t of every (B, L-1) tensor is the
-    state after token t, whose logits choose token t+1."""
+    positions that are the policy's actions: response tokens, less any tool-result tokens the
+    generation forced (forced: per response, a bool per token), which the policy never chose.
+    Index t of every (B, L-1) tensor is the state after token t, whose logits choose token t+1."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     L = max(len(s) for s in seqs)
     full = torch.full((len(seqs), L), pad_id, dtype=torch.long)
@@ -145,6 +148,8 @@ def pack_rollouts(prompts, responses, pad_id, device):
     for i, (p, r) in enumerate(zip(prompts, responses)):
         full[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+        if forced is not None:
+            mask[i, len(p) - 1:len(p) + len(r) - 1] -= torch.tensor(forced[i], dtype=torch.float)
     return full[:, :-1].to(device), full[:, 1:].to(device), mask.to(device)
 
 
@@ -293,8 +298,8 @@ if __name__ == "__main__":
         tasks = prompt_pool[it * args.rollout_batch:(it + 1) * args.rollout_batch]
         prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
         with torch.no_grad(), autocast:
-            tokens, _, lengths = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id,
-                                                 pad_id=pad_id, generator=sample_rng)
+            tokens, _, lengths, _ = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id,
+                                                    pad_id=pad_id, generator=sample_rng)
         responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
         ended = torch.tensor([r[-1] == end_id for r in responses], dtype=torch.float, device=device)
         x, targets, mask = pack_rollouts(prompts, responses, pad_id, device)

@@ -376,22 +376,31 @@ def extract_code(response):
 
 
 @torch.no_grad()
-def sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, generator=None, batch_size=256):
+def sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, generator=None, batch_size=256,
+                     tool_runner=None):
     """n_samples responses to each prompt (token lists), prompt-major, generated in batches with the
     KV cache (run it under the stage's autocast). Each is a dict: tokens (the response, its end token
-    included when it ended), logprobs (per token), text (decoded, end token dropped) and ended."""
+    included when it ended), logprobs (per token, 0 where forced), forced (tool-result tokens the
+    policy did not choose), text (decoded, tool calls and results included, end token dropped)
+    and ended."""
     model.eval()
     end_id, pad_id = enc.encode_single_token(END), enc.encode_single_token(EOT)
     jobs = [p for p in prompts for _ in range(n_samples)]
     out = []
     for start in range(0, len(jobs), batch_size):
-        tokens, logprobs, lengths = model.generate(jobs[start:start + batch_size], max_new_tokens, temperature,
-                                                   eos_id=end_id, pad_id=pad_id, generator=generator)
-        for row, lps, n in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist()):
+        gen = model.generate(jobs[start:start + batch_size], max_new_tokens, temperature, eos_id=end_id,
+                             pad_id=pad_id, generator=generator, tool_runner=tool_runner)
+        for row, lps, n, forced in zip(gen.tokens.tolist(), gen.logprobs.tolist(), gen.lengths.tolist(),
+                                       gen.forced.tolist()):
             ended = row[n - 1] == end_id
-            out.append(dict(tokens=row[:n], logprobs=lps[:n], ended=ended,
+            out.append(dict(tokens=row[:n], logprobs=lps[:n], forced=forced[:n], ended=ended,
                             text=enc.decode(row[:n - 1] if ended else row[:n])))
     return out
+
+
+def mean_logprob(sample):
+    """The mean log-probability of the tokens the policy chose (Codex's reranking score)."""
+    return fmean(lp for lp, forced in zip(sample['logprobs'], sample['forced']) if not forced)
 
 
 def judge_responses(tasks, responses):
@@ -420,7 +429,7 @@ def evaluate_policy(model, enc, tasks, n_samples=0, temperature=1.0, max_new_tok
         groups = [range(i * n_samples, (i + 1) * n_samples) for i in range(len(tasks))]
         counts = [sum(passed[j] for j in group) for group in groups]
         m['pass_at_k'] = {k: fmean(pass_at_k(n_samples, c, k) for c in counts) for k in range(1, n_samples + 1)}
-        best = [max(group, key=lambda j: fmean(samples[j]['logprobs'])) for group in groups]
+        best = [max(group, key=lambda j: mean_logprob(samples[j])) for group in groups]
         m['pass1_reranked_logp'] = fmean(passed[j] for j in best)
     return m, samples
 
@@ -433,7 +442,7 @@ def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=80, batch_size=64
     model.eval()
     responses = []
     for start in range(0, len(prompts), batch_size):
-        tokens, _, _ = model.generate(prompts[start:start + batch_size], max_new_tokens, 0.0)
+        tokens = model.generate(prompts[start:start + batch_size], max_new_tokens, 0.0).tokens
         responses += [extract_code(enc.decode(row)) for row in tokens.tolist()]
     evals = gold_eval_many(tasks, responses)
     return dict(pass1=fmean(e['passed'] for e in evals), examples=responses[:3])

@@ -66,7 +66,7 @@ def test_cached_batched_generation_equals_recompute(path):
     model = tiny(attn=path)
     prompts = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2], [11]]  # different lengths: left padding and masks
     eos_id = 13
-    tokens, logprobs, lengths = model.generate(prompts, 10, temperature=0, eos_id=eos_id, pad_id=0)
+    tokens, logprobs, lengths, _ = model.generate(prompts, 10, temperature=0, eos_id=eos_id, pad_id=0)
     for i, prompt in enumerate(prompts):
         ref_tokens, ref_lps = recompute_greedy(model, prompt, 10, eos_id)
         n = int(lengths[i])
@@ -78,9 +78,9 @@ def test_cached_batched_generation_equals_recompute(path):
 def test_generation_stops_at_the_end_token():
     model = tiny()
     prompts = [[1, 2], [4], [9, 9, 9]]
-    free, _, _ = model.generate(prompts, 8, temperature=0)  # no end token: all 8 tokens
+    free = model.generate(prompts, 8, temperature=0).tokens  # no end token: all 8 tokens
     eos_id = int(free[0, 2])  # declare the third token of the first response an end token
-    tokens, logprobs, lengths = model.generate(prompts, 8, temperature=0, eos_id=eos_id, pad_id=0)
+    tokens, logprobs, lengths, _ = model.generate(prompts, 8, temperature=0, eos_id=eos_id, pad_id=0)
     for i in range(len(prompts)):
         row = free[i].tolist()
         n = row.index(eos_id) + 1 if eos_id in row else 8
@@ -100,7 +100,7 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_sampled_logprobs_are_the_policys_not_the_truncated_ones():
     model = tiny()
     g = torch.Generator().manual_seed(0)
-    tokens, logprobs, _ = model.generate([[1, 2, 3]], 5, temperature=0.7, top_k=3, generator=g)
+    tokens, logprobs, _, _ = model.generate([[1, 2, 3]], 5, temperature=0.7, top_k=3, generator=g)
     seq = torch.tensor([[1, 2, 3] + tokens[0].tolist()])
     expected = token_logprobs(model(seq)[0][:, 2:-1], seq[:, 3:], temperature=0.7)
     torch.testing.assert_close(logprobs, expected, rtol=1e-4, atol=1e-5)

@@ -121,7 +121,7 @@ def test_rollout_layout_logprobs_match_sampling_at_the_same_temperature():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    tokens, sampled_lp, lengths = model.generate(prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
+    tokens, sampled_lp, lengths, _ = model.generate(prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
     x, targets, mask = pack_rollouts(prompts, responses, 0, torch.device("cpu"))
     with torch.no_grad():
