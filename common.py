@@ -126,8 +126,12 @@ def cosine_lr(step, max_lr, warmup_steps, max_steps, min_ratio=0.1):
 
 def clip_and_step(model, optimizer, lr, grad_clip):
     """The end of every training step, the same in every stage: clip the gradient norm, set the
-    learning rate by hand, step, drop the gradients. Returns the norm before clipping."""
+    learning rate by hand, step, drop the gradients. Returns the norm before clipping. A loss that
+    went non-finite stops the run here, before the step could spread it into the weights."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    if not torch.isfinite(norm):
+        raise SystemExit(f"stopping: the gradient norm is {norm.item()} (the loss diverged; is the learning rate "
+                         f"{lr:.2g} too high?). Nothing was saved after the last checkpoint, which is kept.")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -139,6 +143,17 @@ def log_metrics(path, **fields):
     """Append one JSON line to the stage's log."""
     with open(path, "a") as f:
         f.write(json.dumps(fields) + "\n")
+
+
+def trim_log(path, key, resume_at):
+    """On resume: drop the log lines of the steps the run is about to replay (those at or after the
+    checkpoint's step), so that log.jsonl holds every step once."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line).get(key, -1) < resume_at]
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{path}.tmp", path)
 
 
 class StopFlag:

@@ -35,6 +35,8 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
+from common import write_json
+
 # GPT-4's pre-split (cl100k_base): contractions, words with one leading non-letter, numbers of up
 # to 3 digits, punctuation runs, newlines, spaces. BPE never merges across these chunks, so a
 # token never spans a word and its neighbour's space.
@@ -243,13 +245,22 @@ def tokenizer_ranks(path):
     """(mergeable ranks {bytes: id}, special tokens {str: id}, pattern) from a tokenizer file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer not found: {path} (run `python data.py` to train it)")
-    with open(path) as f:
-        state = json.load(f)
-    ranks = {bytes([i]): i for i in range(256)}
-    for token in state["merged_tokens"]:
-        ranks[base64.b64decode(token)] = len(ranks)
-    specials = {s: len(ranks) + i for i, s in enumerate(state["special_tokens"])}
-    return ranks, specials, state["pattern"]
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        ranks = {bytes([i]): i for i in range(256)}
+        for token in state["merged_tokens"]:
+            ranks[base64.b64decode(token, validate=True)] = len(ranks)
+        specials = {s: len(ranks) + i for i, s in enumerate(state["special_tokens"])}
+        pattern = state["pattern"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # empty, cut short, or not ours
+        raise ValueError(f"tokenizer file {path} is malformed ({type(e).__name__}: {e}); delete it and run "
+                         f"`python data.py` to train it again") from None
+    missing = [s for s in SPECIAL_TOKENS if s not in specials]
+    if missing:
+        raise ValueError(f"tokenizer file {path} lacks the special tokens {missing} (written by an older data.py?); "
+                         f"delete it and run `python data.py` again")
+    return ranks, specials, pattern
 
 
 def load_tokenizer(path):
@@ -403,6 +414,8 @@ if __name__ == "__main__":
     parser.add_argument("--domain_corpus", default=None, help="file or folder of domain text (default: stdlib source)")
     parser.add_argument("--vocab_size", type=int, default=4096, help="bytes + merges + special tokens")
     parser.add_argument("--max_chars", type=int, default=0, help="use only this many characters of each corpus (0: all)")
+    parser.add_argument("--block_size", type=int, default=256, help="the longest context you will pretrain with: "
+                        "every split must hold at least one window of block_size + 1 tokens")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
 
@@ -440,11 +453,13 @@ if __name__ == "__main__":
         meta = dict(tokenizer=enc.name, dtype="uint16" if enc.n_vocab < 2**16 else "uint32")
         for split, docs in corpus.items():
             n_tokens, n_bytes = write_tokens(enc, docs, os.path.join(data_dir, f"{split}.bin"))
+            if n_tokens <= args.block_size:
+                raise SystemExit(f"the {name} corpus's {split} split holds {n_tokens} tokens, fewer than one window "
+                                 f"of block_size + 1 = {args.block_size + 1}: give it more text (a folder splits by "
+                                 f"file, one file in {VAL_EVERY} to validation) or pretrain with a smaller --block_size")
             meta[split] = dict(documents=len(docs), tokens=n_tokens, bytes=n_bytes)
             print(f"{name:>8} {split:>5}: {len(docs):5d} documents | {n_bytes / 1e6:6.2f} MB | "
                   f"{n_tokens:10,d} tokens | {n_bytes / max(n_tokens, 1):.2f} bytes/token")
-        with open(os.path.join(data_dir, "meta.json"), "w") as f:  # written last: it marks the files complete
-            json.dump(meta, f, indent=1)
+        write_json(os.path.join(data_dir, "meta.json"), meta)  # written last: it marks the files complete
         summary["corpora"][name] = meta
-    with open(os.path.join(args.out_dir, "data", "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(args.out_dir, "data", "summary.json"), summary)

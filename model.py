@@ -13,6 +13,7 @@ written out by hand so that a student can read all of it.
   and rule models, saved in the same checkpoint format as a language model;
 - atomic checkpoints that say which stage and which tokenizer made them.
 """
+import contextlib
 import math
 import os
 from collections import namedtuple
@@ -411,26 +412,40 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path, model, stage, tokenizer, **extra):
     """Write atomically: to a temporary file, flushed to disk, then renamed over the old one, so
-    a run killed while saving leaves the previous checkpoint intact."""
+    a run killed while saving (or a full disk) leaves the previous checkpoint intact. Only plain
+    types go in (tensors, numbers, strings, lists, dicts), so that loading runs no code. A model
+    whose weights are not finite is never saved: the last good checkpoint stays."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors are not finite (e.g. {bad[0]}); "
+                              f"training diverged (learning rate too high?) and the last good checkpoint is kept")
     ckpt = dict(stage=stage, model_args=asdict(model.config), model=model.state_dict(),
                 tokenizer=dict(name=tokenizer.name, n_vocab=tokenizer.n_vocab), **extra)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, most often: say so, and leave no half file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, if any, "
+                              f"is intact") from e
 
 
 def load_checkpoint(path, stages, tokenizer=None, device="cpu"):
     """The checkpoint dict at path, after checking it was written by one of `stages` and, when
-    given, with this tokenizer. Every way this can go wrong says what and where."""
+    given, with this tokenizer. Every way this can go wrong says what and where. Loading is
+    weights_only: a crafted file cannot run code, it can only fail to load."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path} (run the stage that writes it first)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # truncated or corrupt files fail in many ways inside the unpickler
-        raise CheckpointError(f"checkpoint {path} cannot be read (cut short or corrupt?): {e}") from e
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, corrupt or crafted files fail in many ways inside the unpickler
+        raise CheckpointError(f"checkpoint {path} cannot be read (cut short, corrupt, or not a checkpoint of "
+                              f"plain weights): {str(e).splitlines()[0]}") from e
     if not isinstance(ckpt, dict) or "stage" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint written by this project")
     if ckpt["stage"] not in stages:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
-                    positive_float, positive_int, setup_device, write_json)
+                    positive_float, positive_int, setup_device, trim_log, write_json)
 from data import EOT, END, encode_chat, get_batch, load_tokenizer, load_tokens
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint, token_logprobs
 from tasks import evaluate_policy, prompt_set
@@ -240,6 +240,7 @@ if __name__ == "__main__":
         policy_opt.load_state_dict(resume["policy_opt"])
         value_opt.load_state_dict(resume["value_opt"])
         start, beta = resume["iteration"], resume["beta"]
+        trim_log(log_path, "iteration", start)
         print(f"resuming {ckpt_path} at iteration {start}")
     sample_rng = torch.Generator().manual_seed(args.seed + start)
     ptx_rng = torch.Generator().manual_seed(args.seed + PTX_SEED + start)

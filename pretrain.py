@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float,
                     nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device, synchronize,
-                    write_json)
+                    trim_log, write_json)
 from data import get_batch, load_tokenizer, load_tokens
 from model import ATTENTION_PATHS, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -111,6 +111,7 @@ if __name__ == "__main__":
         start_step, elapsed = resume["step"], resume["elapsed"]
         batch_rng.set_state(resume["batch_rng"])
         torch.set_rng_state(resume["torch_rng"])
+        trim_log(log_path, "step", start_step)
         print(f"resuming {ckpt_path} at step {start_step}")
     elif args.init_from:
         parent = load_checkpoint(args.init_from, ["pretrain"], enc, device)

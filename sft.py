@@ -29,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float,
-                    nonneg_int, parse_args, positive_float, positive_int, setup_device, synchronize, write_json)
+                    nonneg_int, parse_args, positive_float, positive_int, setup_device, synchronize, trim_log,
+                    write_json)
 from data import EOT, chat_batch, encode_chat, load_tokenizer
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set
@@ -131,6 +132,7 @@ if __name__ == "__main__":
         start_step = resume["step"]
         batch_rng.setstate(resume["batch_rng"])
         batches = resume["batches"]
+        trim_log(log_path, "step", start_step)
         print(f"resuming {ckpt_path} at step {start_step}")
 
     # -----------------------------------------------------------------------------

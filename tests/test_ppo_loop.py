@@ -72,8 +72,8 @@ def test_first_ratio_is_exactly_one_and_first_kl_exactly_zero(world, tmp_path):
 
 def test_the_value_model_starts_from_the_reward_model(world, tmp_path):
     run_ppo(world, tmp_path / "run", "--iterations", "0")
-    value = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["value_model"]
-    reward = torch.load(world / "reward.pt", weights_only=False)["model"]
+    value = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["value_model"]
+    reward = torch.load(world / "reward.pt", weights_only=True)["model"]
     assert all(torch.equal(value[k], reward[k]) for k in reward)
 
 

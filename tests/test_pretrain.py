@@ -71,28 +71,40 @@ def test_init_from_continues_the_parent_and_inherits_its_shape(prepared, tmp_pat
     assert val_losses(tmp_path / "child")[0] == pytest.approx(val_losses(tmp_path / "parent")[-1], abs=1e-6)
 
 
-def test_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path):
-    steps = ["--max_steps", "400", "--eval_interval", "100", "--save_interval", "1000"]
+def start_and_stop(cmd, log, n_lines, sig):
+    """Start a run and send it a signal once its log holds n_lines training lines."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (log.exists() and log.read_text().count('"loss"') >= n_lines):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    return proc.wait(timeout=60)
+
+
+def test_kill_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path):
+    steps = ["--max_steps", "400", "--eval_interval", "100", "--save_interval", "50"]
     pretrain(prepared, tmp_path / "straight", *steps)
     interrupted = tmp_path / "interrupted"
     cmd = [sys.executable, "pretrain.py", *TINY, "--data", str(prepared / "data" / "domain"), "--tokenizer",
            str(prepared / "tokenizer.json"), "--out_dir", str(interrupted), *steps]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = interrupted / "log.jsonl"
-    while not (log.exists() and log.read_text().count('"loss"') >= 20):  # well into training
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    stopped = torch.load(interrupted / "ckpt.pt", weights_only=False)
-    assert not stopped["finished"] and 20 <= stopped["step"] < 400
+    # killed outright after its checkpoint at step 50: the steps logged since are replayed on resume
+    assert start_and_stop(cmd, log, 80, signal.SIGKILL) == -signal.SIGKILL
+    assert torch.load(interrupted / "ckpt.pt", weights_only=True)["step"] == 50
+    # Ctrl-C: saves where it is and exits with 130
+    assert start_and_stop(cmd, log, 200, signal.SIGINT) == 130
+    stopped = torch.load(interrupted / "ckpt.pt", weights_only=True)
+    assert not stopped["finished"] and 80 <= stopped["step"] < 400
     pretrain(prepared, interrupted, *steps)
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(interrupted / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(interrupted / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 400 and b["finished"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert val_losses(tmp_path / "straight") == val_losses(interrupted)
+    train_steps = [[r["step"] for r in map(json.loads, open(folder / "log.jsonl")) if "loss" in r]
+                   for folder in (tmp_path / "straight", interrupted)]
+    assert train_steps[0] == train_steps[1]  # every step logged once, none repeated after the resume
 
 
 @pytest.mark.parametrize("extra,message", [
