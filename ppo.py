@@ -1,31 +1,39 @@
 """
-Stage 5: reinforcement learning from human feedback (RLHF) with PPO, as InstructGPT did it
-(Ouyang et al. 2022, sec. 3.5 and appendix C.4), after Ziegler et al. 2019 and Stiennon et al. 2020.
+Stage 5: reinforcement learning with PPO: from human feedback (RLHF, the reward model), as
+InstructGPT did it (Ouyang et al. 2022, sec. 3.5 and appendix C.4, after Ziegler et al. 2019 and
+Stiennon et al. 2020), or from verifiable rewards (the hidden tests of the training prompts, as in
+CodeRL and RLEF), or both; with GAE and a value model, or group-relative advantages (GRPO).
 
-Four models: the policy (starts as the SFT model), a frozen reference (the SFT model), a value
-model (starts as the reward model, InstructGPT's choice), and the frozen reward models (the
-preference RM and, as in Sparrow, the rule model). Each iteration:
+The models: the policy (starts as the SFT model), a frozen reference (the SFT model), the frozen
+reward models (the preference RM and, as in Sparrow, the rule model), and for GAE a value model
+(starts as the reward model, InstructGPT's choice). Each iteration:
 
-  1. rollouts: sample one response per prompt from the policy, batched with the KV cache;
-  2. reward: the RM's score at the response's last token (where the RM was trained to read),
-     minus a penalty if the response never ends, minus rule_coef times the rule model's violation
-     probabilities (Sparrow), and at every token minus beta times the log-ratio to the reference:
-         R(x, y) = r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))        (Stiennon et al. 2020, eq. 1)
-  3. advantages by GAE (Schulman et al. 2016) with the value model, whitened over response tokens;
-  4. several epochs of minibatches of the clipped PPO objective (Schulman et al. 2017, eq. 7),
-     a clipped value loss, and with --ptx_coef > 0 the pretraining loss on generic text mixed into
-     every policy update: PPO-ptx (InstructGPT, eq. 2), which limits the regression on the text
-     the model knew before.
+  1. rollouts: sample responses from the policy, batched with the KV cache (group_size per prompt);
+  2. the score of each response: --reward rm, the RM's score at the response's last token (where
+     the RM was trained to read); tests, 1 if it passes the prompt's hidden tests in the sandbox,
+     else 0; both, the RM score + test_coef * the test result. In every variant minus rule_coef
+     times the rule model's violation probabilities (Sparrow) and minus a penalty if it never ends;
+  3. advantages. gae: the KL penalty at every token, R = score - beta * log(pi / pi_ref)
+     (Stiennon et al. 2020, eq. 1), then GAE (Schulman et al. 2016) with the value model, whitened
+     over the batch. grpo: each response's score minus its group's mean, over its group's standard
+     deviation, at every token (Shao et al. 2024, sec. 4.1.2); no value model; the KL to the
+     reference goes in the loss, as GRPO puts it;
+  4. several epochs of minibatches of the clipped objective (Schulman et al. 2017, eq. 7), the
+     clipped value loss, and with --ptx_coef > 0 the pretraining loss on generic text mixed into
+     every policy update: PPO-ptx (InstructGPT, eq. 2).
 
-    python ppo.py                                       # cpu preset: PPO
-    python ppo.py --ptx_coef 1 --out_dir out/ppo_ptx    # PPO-ptx
+    python ppo.py                                                     # PPO on the reward model
+    python ppo.py --ptx_coef 1 --out_dir out/ppo_ptx                  # PPO-ptx
+    python ppo.py --reward tests --advantage grpo --group_size 4 --out_dir out/grpo_tests
     python ppo.py --preset gpu --sft out_gpu/sft/ckpt.pt --reward_dir out_gpu/reward --out_dir out_gpu/ppo
 
-Honest simplifications: one response per prompt and few iterations (a CPU budget; InstructGPT
-ran 256k episodes); the per-token KL uses the sampled log-ratio (k1), the usual estimator; the
-rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance.
+Honest simplifications: few iterations (a CPU budget; InstructGPT ran 256k episodes); the KL in the
+reward uses the sampled log-ratio (k1), the usual estimator, and GRPO's in the loss the k3 one; the
+rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance; GRPO
+groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here.
 """
 import argparse
+import json
 import os
 import random
 import time
@@ -38,18 +46,22 @@ from tqdm import tqdm
 from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
                     positive_float, positive_int, setup_device, trim_log, write_json)
 from data import EOT, END, encode_chat, get_batch, load_tokenizer, load_tokens
-from model import load_checkpoint, model_from_checkpoint, save_checkpoint, token_logprobs
-from tasks import evaluate_policy, prompt_set
+from model import load_checkpoint, model_from_checkpoint, save_checkpoint
+from tasks import compare, evaluate_policy, gold_eval_many, prompt_set
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
     "cpu": dict(iterations=30, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150),
     "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500),
 }
-PTX_SEED, GENERIC_VAL_SEED = 1, 0  # seed offsets: ptx batches; the fixed generic validation windows
-GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 windows of 8
-SCORE_BATCH = 64  # sequences per forward pass in the evaluation's KL
+PTX_SEED, LABELER_SEED, GENERIC_VAL_SEED = 1, 40, 0  # seed offsets: ptx batches, labelers; fixed windows
+GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 batches of 8 windows
+SCORE_BATCH = 64  # sequences per forward pass when scoring and in the evaluation's KL
+TESTS_TIMEOUT = 1.0  # seconds per program when the tests are the reward: a loop is a failure, fast
 
+
+# -----------------------------------------------------------------------------
+# the pieces of PPO, each a small function the loop below calls in order
 
 def masked_mean(x, mask):
     """Mean over the entries where mask is 1; whatever sits elsewhere (even inf) is never read."""
@@ -62,6 +74,83 @@ def masked_whiten(x, mask, eps=1e-8):
     mean_ = masked_mean(x, mask)
     var = masked_mean((x - mean_) ** 2, mask)
     return torch.where(mask.bool(), (x - mean_) * torch.rsqrt(var + eps), 0.0)
+
+
+def pack_rollouts(prompts, responses, pad_id, device, forced=None):
+    """Prompt + response, right-padded: inputs x and targets (B, L-1), and the mask of target
+    positions that are the policy's actions: response tokens, less any tool-result tokens the
+    generation forced (forced: per response, a bool per token), which the policy never chose.
+    Index t of every (B, L-1) tensor is the state after token t, whose logits choose token t+1."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    L = max(len(s) for s in seqs)
+    full = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L - 1)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        full[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
+        if forced is not None:
+            mask[i, len(p) - 1:len(p) + len(r) - 1] -= torch.tensor(forced[i], dtype=torch.float)
+    return full[:, :-1].to(device), full[:, 1:].to(device), mask.to(device)
+
+
+def policy_logprobs(model, x, targets, mask, temperature):
+    """Log-probabilities of the actions (targets where mask is 1) under the model's logits divided
+    by the sampling temperature (the same in rollout, reference and update), and the entropy of
+    each action's distribution; both (B, T), 0 off the mask. Only the actions' positions go through
+    the output head (trained_only): the prompt's logits are never needed."""
+    logits, _ = model(x, torch.where(mask.bool(), targets, -1), trained_only=True)  # (N, vocab)
+    logits = logits.float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    keep = mask.bool()
+    logprobs, entropy = torch.zeros_like(mask), torch.zeros_like(mask)
+    logprobs[keep] = logp_all.gather(1, targets[keep][:, None]).squeeze(1)
+    entropy[keep] = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+def token_values(value_model, x):
+    """The value of each state (B, T): index t is the state after token t, the one whose action is
+    targets[:, t], so the value model reads the same position the policy's logits come from."""
+    return value_model.scores(x)[..., 0]
+
+
+@torch.no_grad()
+def score_responses(reward_model, rule_model, sequences, pad_id):
+    """The reward models' verdicts on whole responses, read at each sequence's last token (its end
+    token, where the RM was trained to read): (RM scores (N,), rule violation probabilities (N, rules))."""
+    rm, rules = [], []
+    for start in range(0, len(sequences), SCORE_BATCH):
+        chunk = sequences[start:start + SCORE_BATCH]
+        rm.append(reward_model.last_token_scores(chunk, pad_id)[:, 0])
+        rules.append(torch.sigmoid(rule_model.last_token_scores(chunk, pad_id)))
+    return torch.cat(rm), torch.cat(rules)
+
+
+def reward_from_tests(tasks, texts, timeout=TESTS_TIMEOUT):
+    """The verifiable reward: 1.0 where the response passes its prompt's hidden tests in the
+    sandbox, else 0.0 (fail, error, timeout); and the gold judge's verdicts, for the curves."""
+    evals = gold_eval_many(tasks, texts, timeout)
+    return torch.tensor([float(e["passed"]) for e in evals]), evals
+
+
+def sequence_score(rm_score, passed, rule_probs, ended, reward, test_coef, rule_coef, missing_end_penalty):
+    """The score of each whole response (B,): the reward model's, the tests', or rm + test_coef *
+    tests; minus rule_coef times the rule model's violation probabilities summed over rules
+    (Sparrow's rule reward, simplified), minus a fixed penalty when the response hit max_new_tokens
+    without its end token, so that rambling on is never a way to dodge a low score."""
+    base = {"rm": rm_score, "tests": passed, "both": rm_score + test_coef * passed}[reward]
+    return base - rule_coef * rule_probs.sum(1) - missing_end_penalty * (1.0 - ended)
+
+
+def shaped_rewards(score, logprobs, ref_logprobs, mask, beta):
+    """Per-token rewards (B, T) and the per-token log-ratio to the reference: -beta * log(pi/pi_ref)
+    at every action (Ziegler et al. 2019, eq. 2), plus the sequence score at the last action, after
+    which the RM read the response. 0 outside the mask."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    rewards = -beta * log_ratio
+    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,) last action's position
+    rewards[torch.arange(mask.size(0), device=mask.device), last] += score
+    return rewards, log_ratio
 
 
 def compute_gae(rewards, values, mask, gamma, lam):
@@ -83,9 +172,27 @@ def compute_gae(rewards, values, mask, gamma, lam):
     return advantages, (advantages + values) * mask
 
 
+def gae_advantages(rewards, values, mask, gamma, lam):
+    """PPO's advantages and returns: GAE, then the advantages whitened over the batch's actions;
+    the returns (the value model's targets) come from the advantages before whitening."""
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def group_advantages(scores, group_size, mask, eps=1e-6):
+    """GRPO's advantages (Shao et al. 2024, eq. 3, outcome supervision): each response's score minus
+    the mean of its group (the responses to the same prompt), divided by the group's standard
+    deviation, given to every action of the response. A group whose scores are all equal teaches
+    nothing: its advantages are exactly 0."""
+    groups = scores.view(-1, group_size)  # (prompts, G)
+    centered = groups - groups.mean(1, keepdim=True)
+    normalized = centered / (groups.std(1, keepdim=True) + eps)
+    return normalized.view(-1, 1) * mask
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
-    """The clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over response
-    tokens. Also returns the fraction of tokens where the clip was active."""
+    """The clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over actions. Also
+    returns the fraction of actions where the clip was active."""
     ratio = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
@@ -101,56 +208,55 @@ def ppo_value_loss(values, old_values, returns, mask, clip):
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def sequence_score(rm_score, rule_probs, ended, rule_coef, missing_end_penalty):
-    """The reward for a whole response (B,): the preference RM's score, minus rule_coef times the
-    rule model's violation probabilities summed over rules (Sparrow's rule reward, simplified),
-    minus a fixed penalty when the response hit max_new_tokens without its end token, so that
-    rambling on is never a way to dodge a low score."""
-    return rm_score - rule_coef * rule_probs.sum(1) - missing_end_penalty * (1.0 - ended)
+def minibatch_losses(policy, value_model, mb, temperature, clip, value_clip, kl_coef=0.0, ptx=None, ptx_coef=0.0):
+    """The losses of one minibatch, as the update loop computes them: the clipped surrogate on the
+    ratio of the policy's log-probs to the rollout's; with kl_coef, the k3 estimate of KL(pi || ref)
+    added to the loss (GRPO); with ptx, a batch (inputs, targets) of generic text, ptx_coef times its
+    language-modelling loss, i.e. -ptx_coef * E[log pi(x)] (PPO-ptx, InstructGPT eq. 2); with a
+    value model, the clipped value loss. Returns (policy loss, value loss or None, stats)."""
+    m = mb["mask"]
+    logprobs, entropy = policy_logprobs(policy, mb["x"], mb["targets"], m, temperature)
+    pg_loss, clip_frac = ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], m, clip)
+    policy_loss = pg_loss
+    with torch.no_grad():
+        log_r = (logprobs - mb["old_logprobs"]) * m
+        stats = dict(pg_loss=pg_loss.item(), clip_frac=clip_frac.item(), entropy=masked_mean(entropy, m).item(),
+                     approx_kl=masked_mean(torch.exp(log_r) - 1 - log_r, m).item(),  # k3, policy vs rollout
+                     ratio_dev=((torch.exp(log_r) - 1).abs() * m).max().item())
+    if kl_coef:
+        log_ref = mb["ref_logprobs"] - logprobs
+        policy_loss = policy_loss + kl_coef * masked_mean(torch.exp(log_ref) - 1 - log_ref, m)  # k3 (Shao, eq. 4)
+    if ptx is not None and ptx_coef:
+        ptx_loss = policy(*ptx)[1]
+        policy_loss = policy_loss + ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.item()
+    value_loss = None
+    if value_model is not None:
+        value_loss = ppo_value_loss(token_values(value_model, mb["x"]), mb["old_values"], mb["returns"], m,
+                                    value_clip)
+        stats["vf_loss"] = value_loss.item()
+    return policy_loss, value_loss, stats
 
 
-def shaped_rewards(score, logprobs, ref_logprobs, mask, beta):
-    """Per-token rewards (B, T) and the per-token log-ratio to the reference: -beta * log(pi/pi_ref)
-    at every response token (Ziegler et al. 2019, eq. 2), plus the sequence score at the last
-    response token, the action after which the RM read the response. 0 outside the mask."""
-    log_ratio = (logprobs - ref_logprobs) * mask
-    rewards = -beta * log_ratio
-    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,) last response position
-    rewards[torch.arange(mask.size(0), device=mask.device), last] += score
-    return rewards, log_ratio
-
-
-def adaptive_beta(beta, kl, target, horizon_step=0.1):
-    """Ziegler et al. 2019, sec. 2.2: beta grows when KL is above target and shrinks below it,
-    by at most 20% of horizon_step per update."""
+def adaptive_beta(beta, kl, target, n_samples, horizon):
+    """The adaptive KL controller of Ziegler et al. 2019 (sec. 2.2, and their code): beta moves by
+    the proportional error, clipped to 20%, scaled by how many samples the update saw over the
+    horizon: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n_samples / horizon."""
     error = max(-0.2, min(0.2, kl / target - 1.0))
-    return beta * (1.0 + horizon_step * error)
+    return beta * (1.0 + error * n_samples / horizon)
 
 
-def policy_logprobs(model, x, targets, temperature):
-    """Per-token log-probabilities of targets under the model's logits divided by the sampling
-    temperature (the same in rollout, reference and update), and the entropy, both (B, T)."""
-    logits = model(x)[0].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return token_logprobs(logits, targets), entropy
-
-
-def pack_rollouts(prompts, responses, pad_id, device, forced=None):
-    """Prompt + response, right-padded: inputs x and targets (B, L-1), and the mask of target
-    positions that are the policy's actions: response tokens, less any tool-result tokens the
-    generation forced (forced: per response, a bool per token), which the policy never chose.
-    Index t of every (B, L-1) tensor is the state after token t, whose logits choose token t+1."""
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    L = max(len(s) for s in seqs)
-    full = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), L - 1)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        full[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
-        if forced is not None:
-            mask[i, len(p) - 1:len(p) + len(r) - 1] -= torch.tensor(forced[i], dtype=torch.float)
-    return full[:, :-1].to(device), full[:, 1:].to(device), mask.to(device)
+def win_rates(ours, theirs, n_ours, n_theirs, rng):
+    """Each of our samples against the baseline's sample of the same index for the same prompt
+    (prompt-major lists of gold utilities): per comparison, the simulated labeler's verdict and
+    the noiseless one (tasks.compare). Returns (labeler wins, noiseless wins), lists of floats."""
+    labeler, noiseless = [], []
+    for i in range(len(ours) // n_ours):
+        for j in range(n_ours):
+            verdict = compare(ours[i * n_ours + j], theirs[i * n_theirs + j % n_theirs], rng)
+            labeler.append(verdict[0])
+            noiseless.append(verdict[1])
+    return labeler, noiseless
 
 
 # -----------------------------------------------------------------------------
@@ -158,28 +264,38 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # I/O
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
-    parser.add_argument("--sft", default="out/sft/ckpt.pt", help="SFT checkpoint: the policy's start and the reference")
+    parser.add_argument("--sft", default="out/sft/ckpt.pt", help="SFT checkpoint: the policy's start and the "
+                        "reference; its folder's samples_<eval_set>.json are the SFT samples compared against")
     parser.add_argument("--reward_dir", default="out/reward", help="folder with reward.pt and rules.pt")
     parser.add_argument("--generic_data", default="out/data/generic", help="generic token files, for ptx and eval")
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/ppo", help="checkpoint, log and summary go here")
-    # rollouts and reward
+    # rollouts
     parser.add_argument("--iterations", type=nonneg_int, help="rollout-then-update iterations (0: judge the SFT policy)")
-    parser.add_argument("--rollout_batch", type=positive_int, help="prompts (one response each) per iteration")
+    parser.add_argument("--rollout_batch", type=positive_int, help="responses per iteration")
+    parser.add_argument("--group_size", type=positive_int, default=1, help="responses per prompt (grpo: the group)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, used in "
                         "every log-prob")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest response")
-    parser.add_argument("--beta", type=nonneg_float, default=0.15, help="KL penalty coefficient (InstructGPT: 0.02, "
-                        "on another reward scale; at 0.05 ours drifts to ~3 nats and games the RM, see README)")
-    parser.add_argument("--kl_target", type=nonneg_float, default=0.0, help="adaptive KL controller target in nats "
-                        "per response (Ziegler et al. 2019); 0: fixed beta")
+    # reward
+    parser.add_argument("--reward", default="rm", choices=("rm", "tests", "both"), help="what scores a response: "
+                        "the reward model, the prompt's hidden tests, or rm + test_coef * tests")
+    parser.add_argument("--test_coef", type=nonneg_float, default=1.0, help="weight of the tests in --reward both")
     parser.add_argument("--rule_coef", type=nonneg_float, default=1.0, help="weight of the rule model's violation "
                         "probabilities")
     parser.add_argument("--missing_end_penalty", type=nonneg_float, default=1.0, help="subtracted when a response "
                         "never ends")
-    # PPO
+    parser.add_argument("--beta", type=nonneg_float, default=0.15, help="KL penalty coefficient (InstructGPT: 0.02, "
+                        "on another reward scale; at 0.05 ours drifts to ~3 nats and games the RM, see README)")
+    parser.add_argument("--kl_target", type=nonneg_float, default=0.0, help="adaptive KL controller's target in "
+                        "nats per response (Ziegler et al. 2019); 0: fixed beta")
+    parser.add_argument("--kl_horizon", type=positive_int, default=10000, help="the adaptive controller's horizon "
+                        "in samples (Ziegler et al.: 10000)")
+    # advantages and the update
+    parser.add_argument("--advantage", default="gae", choices=("gae", "grpo"), help="GAE with a value model (PPO), "
+                        "or group-relative advantages without one (GRPO)")
     parser.add_argument("--ppo_epochs", type=positive_int, help="passes over each rollout batch")
-    parser.add_argument("--minibatch", type=positive_int, help="responses per PPO minibatch")
+    parser.add_argument("--minibatch", type=positive_int, help="responses per minibatch")
     parser.add_argument("--clip", type=positive_float, default=0.2, help="PPO ratio clip epsilon")
     parser.add_argument("--value_clip", type=positive_float, default=0.2, help="value clip around the old values")
     parser.add_argument("--gamma", type=nonneg_float, default=1.0, help="discount (1: the episode is one response)")
@@ -192,13 +308,19 @@ if __name__ == "__main__":
                         "0: plain PPO")
     parser.add_argument("--ptx_batch", type=positive_int, default=4, help="generic-text sequences per ptx minibatch")
     # evaluation
+    parser.add_argument("--eval_set", default="test", choices=("test", "dev"), help="held-out prompts to judge on: "
+                        "dev for choosing settings, test for the report")
     parser.add_argument("--n_eval", type=positive_int, help="held-out prompts for the final evaluation")
-    parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt in the "
-                        "evaluation")
+    parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
     args = parse_args(parser, PRESETS)
+    if args.advantage == "grpo" and args.group_size < 2:
+        parser.error("--advantage grpo needs --group_size of at least 2: advantages are relative to the group")
+    if args.rollout_batch % args.group_size or args.rollout_batch % args.minibatch:
+        parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --group_size {args.group_size} "
+                     f"and of --minibatch {args.minibatch}")
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -208,14 +330,15 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # -----------------------------------------------------------------------------
-    # data: held-in prompts (the training distribution), generic text for ptx and its eval
+    # data: RL prompts (training combinations, a pool no SFT demonstration comes from), generic text
     enc = load_tokenizer(args.tokenizer)
     pad_id, end_id = enc.encode_single_token(EOT), enc.encode_single_token(END)
-    prompt_pool = prompt_set("ppo_train", args.iterations * args.rollout_batch, args.seed)
+    prompts_per_iteration = args.rollout_batch // args.group_size
+    prompt_pool = prompt_set("ppo_train", args.iterations * prompts_per_iteration, args.seed)
     generic_train, generic_val = load_tokens(args.generic_data, "train", enc), load_tokens(args.generic_data, "val", enc)
 
     # -----------------------------------------------------------------------------
-    # models: all four with dropout off (it would make old and new log-probs disagree)
+    # models: all with dropout off (it would make old and new log-probs disagree)
     sft_ckpt = load_checkpoint(args.sft, ["sft"], enc, device)
     reward_ckpt = load_checkpoint(os.path.join(args.reward_dir, "reward.pt"), ["reward"], enc, device)
     rules_ckpt = load_checkpoint(os.path.join(args.reward_dir, "rules.pt"), ["rules"], enc, device)
@@ -223,22 +346,27 @@ if __name__ == "__main__":
     resume = load_checkpoint(ckpt_path, ["ppo"], enc, device) if os.path.exists(ckpt_path) else None
     policy = model_from_checkpoint(resume or sft_ckpt, device, dropout=0.0)
     reference = model_from_checkpoint(sft_ckpt, device, dropout=0.0).requires_grad_(False)
-    value_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0)  # InstructGPT: value from the RM
-    if resume is not None:
-        value_model.load_state_dict(resume["value_model"])
+    value_model = None
+    if args.advantage == "gae":
+        value_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0)  # InstructGPT: value from the RM
+        if resume is not None:
+            value_model.load_state_dict(resume["value_model"])
     reward_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0).requires_grad_(False)
     rule_model = model_from_checkpoint(rules_ckpt, device, dropout=0.0).requires_grad_(False)
     for m in (policy, reference, value_model, reward_model, rule_model):
-        m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
+        if m is not None:
+            m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
 
     # -----------------------------------------------------------------------------
     # optimizers
     policy_opt = policy.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
-    value_opt = value_model.configure_optimizers(args.lr * args.value_lr_ratio, 0.0, (0.9, 0.95), device.type)
+    value_lr = args.lr * args.value_lr_ratio
+    value_opt = value_model.configure_optimizers(value_lr, 0.0, (0.9, 0.95), device.type) if value_model else None
     start, beta = 0, args.beta
     if resume is not None:
         policy_opt.load_state_dict(resume["policy_opt"])
-        value_opt.load_state_dict(resume["value_opt"])
+        if value_opt is not None:
+            value_opt.load_state_dict(resume["value_opt"])
         start, beta = resume["iteration"], resume["beta"]
         trim_log(log_path, "iteration", start)
         print(f"resuming {ckpt_path} at iteration {start}")
@@ -249,39 +377,40 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # evaluation helpers
     @torch.no_grad()
-    def generic_val_loss(model):
-        """Loss on generic validation text (fixed windows): what PPO-ptx is meant to protect."""
+    def generic_val_losses(model):
+        """Loss per batch of generic validation text (fixed windows): what PPO-ptx protects."""
         rng = torch.Generator().manual_seed(GENERIC_VAL_SEED)
         losses = []
         for _ in range(GENERIC_VAL_BATCHES):
             x, y = get_batch(generic_val, GENERIC_VAL_BATCH_SIZE, model.config.block_size, rng, device)
             with autocast:
                 losses.append(model(x, y)[1].item())
-        return fmean(losses)
+        return losses
 
     @torch.no_grad()
-    def kl_to_reference(prompts, samples):
-        """KL(policy || SFT) per response, estimated on the policy's own samples: the mean over
-        samples of the summed log-ratio (the k1 estimator)."""
+    def kl_per_response(prompts, samples):
+        """KL(policy || SFT) of each sampled response: its summed log-ratio (the k1 estimator, whose
+        mean over the policy's own samples is the KL)."""
         kls = []
         for start in range(0, len(samples), SCORE_BATCH):
             chunk = slice(start, start + SCORE_BATCH)
-            x, targets, mask = pack_rollouts(prompts[chunk], [s["tokens"] for s in samples[chunk]], pad_id, device)
+            x, targets, mask = pack_rollouts(prompts[chunk], [s["tokens"] for s in samples[chunk]], pad_id, device,
+                                             [s["forced"] for s in samples[chunk]])
             with autocast:
-                lp, _ = policy_logprobs(policy, x, targets, args.temperature)
-                ref_lp, _ = policy_logprobs(reference, x, targets, args.temperature)
+                lp = policy_logprobs(policy, x, targets, mask, args.temperature)[0]
+                ref_lp = policy_logprobs(reference, x, targets, mask, args.temperature)[0]
             kls += ((lp - ref_lp) * mask).sum(1).tolist()
-        return fmean(kls)
+        return kls
 
     def save(iteration, finished):
-        save_checkpoint(ckpt_path, policy, "ppo", enc, value_model=value_model.state_dict(),
-                        policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(), iteration=iteration,
+        save_checkpoint(ckpt_path, policy, "ppo", enc, policy_opt=policy_opt.state_dict(), iteration=iteration,
                         beta=beta, finished=finished, config=vars(args), generic_before=generic_before,
-                        seconds=t_phase)
+                        seconds=t_phase, **({} if value_model is None else dict(
+                            value_model=value_model.state_dict(), value_opt=value_opt.state_dict())))
 
     # -----------------------------------------------------------------------------
     # the loop
-    generic_before = generic_val_loss(policy) if resume is None else resume["generic_before"]
+    generic_before = generic_val_losses(policy) if resume is None else resume["generic_before"]
     stop = StopFlag()
     t_phase = dict(rollout=0.0, score=0.0, update=0.0) if resume is None else resume["seconds"]
     for it in tqdm(range(start, args.iterations + 1), initial=start, total=args.iterations + 1, desc="ppo",
@@ -296,14 +425,16 @@ if __name__ == "__main__":
 
         # ---------------- ROLLOUT ----------------
         t0 = time.perf_counter()
-        tasks = prompt_pool[it * args.rollout_batch:(it + 1) * args.rollout_batch]
+        tasks = [t for t in prompt_pool[it * prompts_per_iteration:(it + 1) * prompts_per_iteration]
+                 for _ in range(args.group_size)]  # each prompt group_size times, side by side
         prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
         with torch.no_grad(), autocast:
-            tokens, _, lengths, _ = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id,
-                                                    pad_id=pad_id, generator=sample_rng)
-        responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+            gen = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
+                                  generator=sample_rng)
+        responses = [row[:n] for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())]
+        forced = [row[:n] for row, n in zip(gen.forced.tolist(), gen.lengths.tolist())]
         ended = torch.tensor([r[-1] == end_id for r in responses], dtype=torch.float, device=device)
-        x, targets, mask = pack_rollouts(prompts, responses, pad_id, device)
+        x, targets, mask = pack_rollouts(prompts, responses, pad_id, device, forced)
         t1 = time.perf_counter()
 
         # ---------------- SCORING ----------------
@@ -311,98 +442,107 @@ if __name__ == "__main__":
         # first minibatches, not from sampling: so the first ratio is exactly 1
         B = len(prompts)
         order = shuffle_rng.sample(range(B), B)
-        old_logprobs, ref_logprobs = torch.zeros_like(mask), torch.zeros_like(mask)
-        old_values = torch.zeros_like(mask)
+        old_logprobs, ref_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
         with torch.no_grad():
             for mb in range(0, B, args.minibatch):
                 idx = torch.tensor(order[mb:mb + args.minibatch], device=device)
                 with autocast:
-                    old_logprobs[idx] = policy_logprobs(policy, x[idx], targets[idx], args.temperature)[0]
-                    ref_logprobs[idx] = policy_logprobs(reference, x[idx], targets[idx], args.temperature)[0]
-                    old_values[idx] = value_model.scores(x[idx])[..., 0].float()
-            seqs = [p + r for p, r in zip(prompts, responses)]
-            # the RM reads the last token of prompt + response, the position it was trained on
+                    old_logprobs[idx] = policy_logprobs(policy, x[idx], targets[idx], mask[idx], args.temperature)[0]
+                    ref_logprobs[idx] = policy_logprobs(reference, x[idx], targets[idx], mask[idx], args.temperature)[0]
+                    if value_model is not None:
+                        old_values[idx] = token_values(value_model, x[idx]).float()
             with autocast:
-                rm_score = reward_model.last_token_scores(seqs, pad_id)[:, 0]
-                rule_probs = torch.sigmoid(rule_model.last_token_scores(seqs, pad_id))  # (B, n_rules)
-        score = sequence_score(rm_score, rule_probs, ended, args.rule_coef, args.missing_end_penalty)
-        rewards, log_ratio = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta)
-        advantages, returns = compute_gae(rewards, old_values * mask, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)
+                rm_score, rule_probs = score_responses(reward_model, rule_model,
+                                                       [p + r for p, r in zip(prompts, responses)], pad_id)
+        passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
+        score = sequence_score(rm_score, passed.to(device), rule_probs, ended, args.reward, args.test_coef,
+                               args.rule_coef, args.missing_end_penalty)
+        log_ratio = (old_logprobs - ref_logprobs) * mask
+        if args.advantage == "gae":
+            rewards, _ = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta)
+            advantages, returns = gae_advantages(rewards, old_values * mask, mask, args.gamma, args.lam)
+        else:
+            advantages, returns = group_advantages(score, args.group_size, mask), None
         t2 = time.perf_counter()
 
         # ---------------- UPDATE ----------------
-        stats = dict(pg_loss=[], vf_loss=[], clip_frac=[], approx_kl=[], entropy=[], ptx_loss=[], ratio_dev=[])
+        stats = []
         for epoch in range(args.ppo_epochs):
             if epoch > 0:
                 order = shuffle_rng.sample(range(B), B)
             for mb in range(0, B, args.minibatch):
                 idx = torch.tensor(order[mb:mb + args.minibatch], device=device)
-                m = mask[idx]
+                batch = dict(x=x[idx], targets=targets[idx], mask=mask[idx], old_logprobs=old_logprobs[idx],
+                             ref_logprobs=ref_logprobs[idx], advantages=advantages[idx], old_values=old_values[idx],
+                             returns=None if returns is None else returns[idx])
+                ptx = None
+                if args.ptx_coef > 0:
+                    ptx = get_batch(generic_train, args.ptx_batch, policy.config.block_size, ptx_rng, device)
                 with autocast:
-                    logprobs, entropy = policy_logprobs(policy, x[idx], targets[idx], args.temperature)
-                    values = value_model.scores(x[idx])[..., 0].float()
-                pg_loss, clip_frac = ppo_policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, args.clip)
-                vf_loss = ppo_value_loss(values, old_values[idx], returns[idx], m, args.value_clip)
-                policy_loss = pg_loss
-                if args.ptx_coef > 0:  # PPO-ptx: + gamma * E_pretrain[log pi(x)] (InstructGPT, eq. 2)
-                    px, py = get_batch(generic_train, args.ptx_batch, policy.config.block_size, ptx_rng, device)
-                    with autocast:
-                        ptx_loss = policy(px, py)[1]
-                    policy_loss = policy_loss + args.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(ptx_loss.item())
-                (policy_loss + vf_loss).backward()  # separate models: each gets its own loss's gradient
+                    policy_loss, value_loss, mb_stats = minibatch_losses(
+                        policy, value_model, batch, args.temperature, args.clip, args.value_clip,
+                        kl_coef=beta if args.advantage == "grpo" else 0.0, ptx=ptx, ptx_coef=args.ptx_coef)
+                # separate models: each gets only its own loss's gradient
+                (policy_loss if value_loss is None else policy_loss + value_loss).backward()
                 clip_and_step(policy, policy_opt, args.lr, args.grad_clip)  # a constant learning rate
-                clip_and_step(value_model, value_opt, args.lr * args.value_lr_ratio, args.grad_clip)
-                with torch.no_grad():
-                    log_r = (logprobs - old_logprobs[idx]) * m
-                    stats["approx_kl"].append(masked_mean(torch.exp(log_r) - 1 - log_r, m).item())  # k3 estimator
-                stats["ratio_dev"].append(((torch.exp(log_r) - 1).abs() * m).max().item())
-                stats["pg_loss"].append(pg_loss.item())
-                stats["vf_loss"].append(vf_loss.item())
-                stats["clip_frac"].append(clip_frac.item())
-                stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+                if value_model is not None:
+                    clip_and_step(value_model, value_opt, value_lr, args.grad_clip)
+                stats.append(mb_stats)
         t3 = time.perf_counter()
         for phase, dt in zip(t_phase, (t1 - t0, t2 - t1, t3 - t2)):
             t_phase[phase] += dt
 
         # ---------------- LOGGING ----------------
         kl = log_ratio.sum(1).mean().item()  # nats per response, KL(policy || SFT) on this batch
-        flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
-        explained_var = 1 - torch.var(flat_returns - flat_values) / torch.var(flat_returns).clamp(min=1e-8)
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
+                   pass_rate=passed.mean().item(), utility=fmean(e["utility"] for e in evals),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
-                   response_len=mask.sum(1).mean().item(), explained_var=explained_var.item(),
-                   first_ratio_dev=stats["ratio_dev"][0], **{k: fmean(v) for k, v in stats.items() if v and k != "ratio_dev"},
+                   response_len=mask.sum(1).mean().item(), first_ratio_dev=stats[0]["ratio_dev"],
+                   **{k: fmean(s[k] for s in stats) for k in stats[0] if k != "ratio_dev"},
                    ms_rollout=(t1 - t0) * 1000, ms_score=(t2 - t1) * 1000, ms_update=(t3 - t2) * 1000)
+        if value_model is not None:
+            flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
+            row["explained_var"] = (1 - torch.var(flat_returns - flat_values) / torch.var(flat_returns).clamp(min=1e-8)).item()
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "
-                   f"kl {kl:6.3f} | beta {beta:.3f} | ent {row['entropy']:.3f} | clip {row['clip_frac']:.3f} | "
-                   f"vf {row['vf_loss']:.4f} | ev {row['explained_var']:+.2f} | len {row['response_len']:5.1f} | "
-                   f"{(t3 - t0):5.1f} s")
+                   f"pass {row['pass_rate']:.2f} | kl {kl:6.3f} | beta {beta:.3f} | ent {row['entropy']:.3f} | "
+                   f"clip {row['clip_frac']:.3f} | len {row['response_len']:5.1f} | {(t3 - t0):5.1f} s")
         if args.kl_target > 0:
-            beta = adaptive_beta(beta, kl, args.kl_target)
+            beta = adaptive_beta(beta, kl, args.kl_target, B, args.kl_horizon)
 
     # -----------------------------------------------------------------------------
-    # the final summary: the gold judge on held-out prompts
-    eval_tasks = prompt_set("eval", args.n_eval, args.seed)
+    # the final summary: the gold judge on held-out prompts, against the SFT model's samples
+    eval_tasks = prompt_set(args.eval_set, args.n_eval, args.seed)
     n = args.eval_samples
+    t0 = time.time()
     with autocast:
         ours, samples = evaluate_policy(policy, enc, eval_tasks, n, args.temperature, args.max_new_tokens, args.seed)
-        sft, _ = evaluate_policy(reference, enc, eval_tasks, n, args.temperature, args.max_new_tokens, args.seed)
-        train_split = evaluate_policy(policy, enc, prompt_set("eval_train", args.n_eval, args.seed),
-                                      max_new_tokens=args.max_new_tokens)[0]
-    # the noiseless labeler prefers the higher gold utility, sample against sample; a tie counts half
-    win_rate = fmean(1.0 if a > b else 0.5 if a == b else 0.0
-                    for a, b in zip(ours["sampled"]["utilities"], sft["sampled"]["utilities"]))
-    kl = kl_to_reference([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
-    summary = dict(heldout_comp=ours, sft_heldout_comp=sft, win_rate_vs_sft=win_rate, kl_to_sft=kl,
-                   train_split=train_split,
-                   generic_val_loss_before=generic_before, generic_val_loss_after=generic_val_loss(policy),
-                   ptx_coef=args.ptx_coef, seconds=t_phase, iterations=args.iterations,
-                   episodes=args.iterations * args.rollout_batch)
+    sft_samples_path = os.path.join(os.path.dirname(args.sft), f"samples_{args.eval_set}.json")
+    if os.path.exists(sft_samples_path):  # written by sft.py: the samples every row of the report compares to
+        with open(sft_samples_path) as f:
+            sft_samples = json.load(f)["samples"]
+    else:  # e.g. dev prompts while choosing settings: sample the reference the same way
+        with autocast:
+            sft_samples = evaluate_policy(reference, enc, eval_tasks, n, args.temperature, args.max_new_tokens,
+                                          args.seed)[1]
+    n_sft = len(sft_samples) // len(eval_tasks)
+    labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
+                                             n, n_sft, random.Random(args.seed + LABELER_SEED))
+    with autocast:
+        kls = kl_per_response([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
+    summary = dict(sampled={k: ours["sampled"][k] for k in ("passed", "utility", "violated", "hacked")},
+                   greedy_passed=ours["greedy"]["passed"], labeler_wins=labeler_wins, noiseless_wins=noiseless_wins,
+                   kl=kls, generic_val_losses_before=generic_before, generic_val_losses_after=generic_val_losses(policy),
+                   eval_set=args.eval_set, n_eval=args.n_eval, eval_samples=n, sft_samples=n_sft, reward=args.reward,
+                   advantage=args.advantage, ptx_coef=args.ptx_coef, beta=args.beta, kl_target=args.kl_target,
+                   seconds=t_phase, train_seconds=sum(t_phase.values()), eval_seconds=time.time() - t0,
+                   iterations=args.iterations, episodes=args.iterations * args.rollout_batch,
+                   examples=[s["text"] for s in samples[:n * 3:n]])
+    write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
+        n_samples=n, samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    h = summary["heldout_comp"]["sampled"]
-    print(f"held-out samples: win rate vs SFT {win_rate:.1%} | pass@1 {h['pass1']:.1%} | utility {h['utility']:+.3f} | "
-          f"violations {h['violation_rate']:.1%} | KL to SFT {kl:.2f} nats | generic val loss {generic_before:.4f} -> "
-          f"{summary['generic_val_loss_after']:.4f}")
+    print(f"{args.eval_set} samples: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
+          f"(noiseless) | pass@1 {ours['sampled']['pass1']:.1%} | utility {ours['sampled']['mean_utility']:+.3f} | "
+          f"violations {ours['sampled']['violation_rate']:.1%} | hacked {ours['sampled']['hack_rate']:.1%} | "
+          f"KL to SFT {fmean(kls):.2f} nats | generic val loss {fmean(generic_before):.4f} -> "
+          f"{fmean(summary['generic_val_losses_after']):.4f}")

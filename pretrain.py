@@ -76,6 +76,8 @@ if __name__ == "__main__":
     parser.add_argument("--compile", type=int, choices=(0, 1), default=None, help="torch.compile the model "
                         "(default: on CUDA)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds init and batch sampling")
+    parser.add_argument("--peak_flops", type=positive_float, default=None, help="the FLOP/s MFU divides by "
+                        "(default: a GPU's datasheet peak, or a matmul measured once on this machine)")
     args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
@@ -137,9 +139,9 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # evaluation helpers
     @torch.no_grad()
-    def val_loss():
-        """Mean loss on the same eval_batches windows every time (a fixed seed), so curves from
-        different runs on this corpus are directly comparable."""
+    def val_losses():
+        """Loss per batch on the same eval_batches batches of windows every time (a fixed seed), so
+        curves from different runs on this corpus compare directly, batch by batch."""
         model.eval()
         rng = torch.Generator().manual_seed(VAL_SEED)
         losses = []
@@ -148,7 +150,7 @@ if __name__ == "__main__":
             with autocast:
                 losses.append(model(x, y)[1].item())
         model.train()
-        return sum(losses) / len(losses)
+        return losses
 
     def save(step, finished):
         save_checkpoint(ckpt_path, raw_model, "pretrain", enc, optimizer=optimizer.state_dict(), step=step,
@@ -158,9 +160,9 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the loop
     flops_per_step = raw_model.flops_per_token(args.block_size) * args.total_batch_tokens
-    peak = peak_flops(device)
+    peak, peak_source = peak_flops(device, args.peak_flops)
     print(f"MFU is model FLOPs ({flops_per_step / args.total_batch_tokens / 1e6:.1f} MFLOP/token) over "
-          f"{peak / 1e12:.3f} TFLOP/s peak ({'datasheet' if device.type == 'cuda' else 'measured matmul'})")
+          f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
     stop = StopFlag()
     progress = tqdm(range(start_step, args.max_steps + 1), initial=start_step, total=args.max_steps + 1,
                     desc=os.path.basename(args.out_dir), dynamic_ncols=True)
@@ -172,7 +174,8 @@ if __name__ == "__main__":
             print(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
         if step % args.eval_interval == 0 or last_step:
-            val = val_loss()
+            val_batches = val_losses()
+            val = sum(val_batches) / len(val_batches)
             log_metrics(log_path, step=step, val_loss=val)
             tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f}")
         if last_step or (step > start_step and step % args.save_interval == 0):
@@ -206,9 +209,9 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # summary
     median = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    summary = dict(val_loss=val, steps=args.max_steps, tokens=args.max_steps * args.total_batch_tokens,
+    summary = dict(val_loss=val, val_losses=val_batches, steps=args.max_steps, tokens=args.max_steps * args.total_batch_tokens,
                    params=raw_model.num_params(), tok_per_s=args.total_batch_tokens / median,
-                   mfu=flops_per_step / median / peak, peak_flops=peak, train_seconds=elapsed,
+                   mfu=flops_per_step / median / peak, peak_flops=peak, peak_source=peak_source, train_seconds=elapsed,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else device.type,
                    init_from=args.init_from)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)

@@ -10,13 +10,16 @@ Stage 4: reward models from simulated human judgments, and best-of-n reranking.
        loss = -E[ log sigmoid(r(x, y_w) - r(x, y_l)) ]            (InstructGPT, eq. 1)
    with all K-choose-2 comparisons of a prompt in one batch, so each response takes one forward
    pass (InstructGPT's reason: K-choose-2 comparisons for the cost of K, and no overfitting from
-   seeing one response in many separate batches). Afterwards a bias makes the SFT model's
-   responses score 0 on average (InstructGPT normalizes its RM the same way before RL).
+   seeing one response in many separate batches), for one epoch (InstructGPT: more overfits).
+   Afterwards a bias makes the demonstrators' answers to the training prompts score 0 on average,
+   as InstructGPT normalized its RM on the labelers' demonstrations before RL.
 3. The rule model: the same trunk with one logit per rule, binary cross-entropy on the probers'
    labels (Sparrow's rule RM).
-4. Best-of-n: sample n responses, drop those the rule model flags, keep the one with the highest
-   preference score (Sparrow's reranking, LaMDA's filtering), and ask the gold judge how good
-   that pick really is as n grows (Gao et al. 2022: the proxy keeps rising, the gold does not).
+4. Best-of-n: of the SFT model's samples for each test prompt (sft.py wrote them, with the gold
+   judge's verdicts: the very samples of the report's SFT row), drop those the rule model flags,
+   keep the one with the highest preference score (Sparrow's reranking, LaMDA's filtering), and
+   ask the gold judge how good that pick is as n grows (Gao et al. 2022: the proxy keeps rising,
+   the gold does not).
 
     python reward.py                   # cpu preset, from out/sft/ckpt.pt
     python reward.py --preset gpu --sft out_gpu/sft/ckpt.pt --out_dir out_gpu/reward
@@ -40,16 +43,16 @@ from common import (HelpFormatter, clip_and_step, cosine_lr, fraction, log_metri
                     positive_float, positive_int, setup_device, write_json)
 from data import EOT, encode_chat, load_tokenizer
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
-from tasks import (RULES, best_of_n, gold_eval_many, labeler_agreement, labeler_rank, probe_rules, prompt_set,
-                   sample_responses)
+from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
+                   prompt_set, sample_responses)
 
 PRESETS = {
-    "quick": dict(n_prompts=48, epochs=1, lr=1e-3, n_eval=16, best_of=(1, 2, 4)),
-    "cpu": dict(n_prompts=1000, epochs=2, lr=3e-4, n_eval=150, best_of=(1, 2, 4, 8, 16)),
-    "gpu": dict(n_prompts=8000, epochs=2, lr=1e-4, n_eval=500, best_of=(1, 2, 4, 8, 16, 32, 64)),
+    "quick": dict(n_prompts=48, lr=1e-3, best_of=(1, 2, 4)),
+    "cpu": dict(n_prompts=1000, lr=3e-4, best_of=(1, 2, 4, 8, 16)),
+    "gpu": dict(n_prompts=8000, lr=1e-4, best_of=(1, 2, 4, 8, 16, 32, 64)),
 }
 # seeds of the simulated humans and of sampling, as offsets from --seed
-SAMPLE_SEED, LABELER_SEED, AGREEMENT_SEED, BEST_OF_N_SEED, BEST_OF_N_LABELER_SEED = 0, 11, 12, 20, 21
+SAMPLE_SEED, LABELER_SEED, AGREEMENT_SEED, DEMO_SEED = 0, 11, 12, 13
 SCORE_BATCH = 64  # sequences per forward pass when scoring
 
 
@@ -81,12 +84,12 @@ def build_comparisons(policy, enc, tasks, k, seed, labeler_seed, prober_noise, m
     return records
 
 
-def pair_accuracy(scores, records, key):
-    """Share of the pairs whose gold utilities differ that the scores order as `key` does:
-    'ranking', the labeler's noisy order (its ceiling is the labelers' own agreement with the
-    gold), or 'utilities', the noiseless gold order."""
-    right = total = 0
-    for s, r in zip(scores, records):
+def pair_outcomes(scores, records, key):
+    """For each pair whose gold utilities differ, (its prompt's index, whether the scores order it
+    as `key` does): 'ranking', the labeler's noisy order (its ceiling is the labelers' own agreement
+    with the gold), or 'utilities', the noiseless gold order."""
+    out = []
+    for p, (s, r) in enumerate(zip(scores, records)):
         for i, j in itertools.combinations(range(len(s)), 2):
             if r["utilities"][i] == r["utilities"][j]:
                 continue  # a tie: the labeler's order is a coin flip, the gold has none
@@ -94,9 +97,27 @@ def pair_accuracy(scores, records, key):
                 better = r["ranking"].index(i) < r["ranking"].index(j)
             else:
                 better = r["utilities"][i] > r["utilities"][j]
-            total += 1
-            right += (s[i] > s[j]) == better
-    return right / max(1, total)
+            out.append((p, float((s[i] > s[j]) == better)))
+    return out
+
+
+def pair_accuracy(scores, records, key):
+    return fmean(right for _, right in pair_outcomes(scores, records, key))
+
+
+@torch.no_grad()
+def normalize_reward(reward_model, sequences, pad_id, autocast):
+    """Shift the reward model's head so that these sequences (prompt + a demonstrator's answer)
+    score 0 on average, as InstructGPT normalized its RM on the labelers' demonstrations. Returns
+    the shift, which is subtracted from the bias."""
+    reward_model.eval()
+    scores = []
+    for start in range(0, len(sequences), SCORE_BATCH):
+        with autocast:
+            scores += reward_model.last_token_scores(sequences[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
+    offset = fmean(scores)
+    reward_model.score_head.bias -= offset
+    return offset
 
 
 # -----------------------------------------------------------------------------
@@ -115,7 +136,8 @@ if __name__ == "__main__":
     parser.add_argument("--prober_noise", type=fraction, default=0.05, help="chance a prober flips a rule label")
     parser.add_argument("--val_share", type=fraction, default=0.1, help="share of prompts held out for accuracy")
     # optimization
-    parser.add_argument("--epochs", type=positive_int, help="passes over the comparisons")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="passes over the comparisons (InstructGPT: "
+                        "1; a second overfits)")
     parser.add_argument("--prompts_per_step", type=positive_int, default=8, help="prompts (each K responses) per step")
     parser.add_argument("--lr", type=positive_float, help="peak learning rate")
     parser.add_argument("--warmup_share", type=fraction, default=0.05, help="share of the steps spent warming up")
@@ -123,8 +145,8 @@ if __name__ == "__main__":
     # evaluation and logging
     parser.add_argument("--evals_per_epoch", type=positive_int, default=2, help="held-out accuracy runs per epoch")
     parser.add_argument("--log_interval", type=positive_int, default=10, help="steps between log lines")
-    parser.add_argument("--n_eval", type=positive_int, help="held-out prompts for best-of-n")
-    parser.add_argument("--best_of", type=positive_int, nargs="+", help="values of n for best-of-n, doubling from 1")
+    parser.add_argument("--best_of", type=positive_int, nargs="+", help="values of n for best-of-n, doubling from 1; "
+                        "the largest needs as many SFT samples per test prompt (sft.py --n_samples)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, samples and labelers")
@@ -248,11 +270,12 @@ if __name__ == "__main__":
                        f"rule loss {rule_loss.item():.4f} | lr {lr:.1e}")
     train_seconds = time.time() - t0
 
-    # normalize: the SFT model's responses (the training samples) score 0 on average (InstructGPT)
-    train_scores, _ = score_records(train_records)
-    offset = fmean(s for group in train_scores for s in group)
-    with torch.no_grad():
-        reward_model.score_head.bias -= offset
+    # normalize: the demonstrators' answers to the training prompts score 0 on average (InstructGPT)
+    demo_rng = random.Random(args.seed + DEMO_SEED)
+    demo_tasks = prompt_set("reward_train", args.n_prompts, args.seed)
+    demos = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
+             for t in demo_tasks]
+    offset = normalize_reward(reward_model, demos, pad_id, autocast)
     save_checkpoint(os.path.join(args.out_dir, "reward.pt"), reward_model, "reward", enc, config=vars(args),
                     normalization=offset)
     save_checkpoint(os.path.join(args.out_dir, "rules.pt"), rule_model, "rules", enc, config=vars(args),
@@ -261,25 +284,35 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the final summary: accuracies, then best-of-n judged by the gold judge
     val_scores, val_rules = score_records(val_records)
-    eval_tasks = prompt_set("eval", args.n_eval, args.seed)
     t0 = time.time()
-    with autocast:
-        eval_records = build_comparisons(policy, enc, eval_tasks, max(args.best_of), args.seed + BEST_OF_N_SEED,
-                                         args.seed + BEST_OF_N_LABELER_SEED, args.prober_noise, args.max_new_tokens)
-    scores, rule_probs = score_records(eval_records)
+    samples_path = os.path.join(os.path.dirname(args.sft), "samples_test.json")
+    if not os.path.exists(samples_path):
+        raise FileNotFoundError(f"{samples_path} not found: sft.py writes the SFT model's test samples at the end "
+                                f"of its run, and best-of-n reranks those very samples")
+    with open(samples_path) as f:
+        sft_samples = json.load(f)
+    n_per_prompt = sft_samples["n_samples"]
+    if max(args.best_of) > n_per_prompt:
+        raise ValueError(f"--best_of {max(args.best_of)} needs that many SFT samples per test prompt; sft.py wrote "
+                         f"{n_per_prompt} (sft.py --n_samples)")
+    groups = [sft_samples["samples"][i:i + n_per_prompt] for i in range(0, len(sft_samples["samples"]), n_per_prompt)]
+    scores, rule_probs = score_records([dict(sequences=[prompt + s["tokens"] for s in group])
+                                        for prompt, group in zip(sft_samples["prompts"], groups)])
     rows = []
     for n in args.best_of:
         picks = best_of_n(scores, rule_probs, n)  # the gold verdicts came with the samples
+        picked = [group[j] for group, j in zip(groups, picks)]
         rows.append(dict(n=n, proxy_reward=fmean(s[j] for s, j in zip(scores, picks)),
-                         gold_utility=fmean(r["utilities"][j] for r, j in zip(eval_records, picks)),
-                         pass1=fmean(r["passed"][j] for r, j in zip(eval_records, picks)),
-                         violation_rate=fmean(any(r["gold_rules"][j]) for r, j in zip(eval_records, picks))))
+                         **{key: [s[key] for s in picked] for key in ("utility", "passed", "violated")}))
         print(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
-              f"{rows[-1]['gold_utility']:+.3f} | pass@1 {rows[-1]['pass1']:.1%} | violations {rows[-1]['violation_rate']:.1%}")
-    summary = dict(labeler_agreement=agreement, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
+              f"{fmean(rows[-1]['utility']):+.3f} | pass@1 {fmean(rows[-1]['passed']):.1%} | violations "
+              f"{fmean(rows[-1]['violated']):.1%}")
+    summary = dict(labeler_agreement=agreement, val_pairs_labeler=pair_outcomes(val_scores, val_records, "ranking"),
+                   val_pairs_gold=pair_outcomes(val_scores, val_records, "utilities"),
+                   val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
                    val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
                    val_rule_acc=rule_accuracy(val_rules, val_records), normalization=offset,
-                   n_train_prompts=len(train_records), n_val_prompts=len(val_records), k=args.k,
+                   n_train_prompts=len(train_records), n_val_prompts=len(val_records), k=args.k, epochs=args.epochs,
                    data_seconds=data_seconds, rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
                    train_seconds=train_seconds, best_of_n=rows, best_of_n_seconds=time.time() - t0)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)

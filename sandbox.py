@@ -4,46 +4,73 @@ verdict ("pass", "fail", "error" or "timeout") is decided on the trusted side.
 
     from sandbox import execute, execute_many
     execute("def f(x):\n    return x + 1\n", "assert f(1) == 2\n")   # 'pass'
+
+What it protects against. Each child has a wall-clock limit (then it is killed), CPU-time, 512 MB
+memory and 256 KB output limits, no new processes, an empty environment, and an in-process guard
+against fork, exec, kill, deleting and writing files. As root, the child drops root before the program
+runs, or the program never runs (verdict "error"; a warning says why, once): it locks itself into an
+empty folder owned by root (chroot) and becomes a uid of its own, one per concurrent slot. There the
+program can create, read or delete no file, load no module from a file, start no process, and signal
+no process but itself: not its neighbours, not the harness. Tests in the world's shape, lines of
+`assert name(<literals>) == <literal>`, are judged here: the child only reports what the function
+returns, as plain literals, and the parent compares them with the expected values, which never reach
+the child. So "pass" means the function returned those values, whatever the program did to its interpreter.
+
+What it does not protect against. Other tests run in the program's interpreter, where determined code
+can find the token that reports success. Without root there is no chroot and no uid of its own: code
+that undoes the guard (rebuilding posix from _imp) can read and write wherever this user can, leave
+files behind and signal this user's processes, the harness included. The network is not cut off (the
+chroot only keeps out a socket module that is a separate file). Kernel bugs, and the CPU and memory it
+shares with the machine: for code written by an adversary, use a container or a VM.
 """
-import contextlib
+import ast
 import marshal
-import math
 import os
+import queue
+import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-
+EXEC_TIMEOUT = 3.0
 MEMORY_LIMIT = 512 * 2**20  # bytes of address space, roomy for Python's startup
 OUTPUT_LIMIT = 256 * 2**10  # bytes the child may write to any file, its captured output included
-NOBODY = 65534
-EXEC_TIMEOUT = 3.0
-# Runs in the child before the untrusted code. The success token comes in a file deleted at once,
-# so it lives only in this process's memory, never in argv or the environment.
+# As root each running child gets a uid of its own: UID_BASE + pid * SLOTS + slot. Linux pids stay below
+# 2**22, so these uids fill [2**30, 2**31), far above any login account, and never repeat between two
+# processes that run sandboxes side by side, nor between two slots of one process.
+UID_BASE, SLOTS = 2**30, 256
+IMPORTABLE = {'collections', 'functools', 'itertools', 'math', 're', 'string'}  # what a program may import as root
+_slots = queue.SimpleQueue()  # the free slots of this process; a child's slot is free again once it is dead
+for _slot in range(SLOTS):
+    _slots.put(_slot)
+# Runs in the child before the untrusted code; the job comes on stdin, so it is in no file, argv or environment.
 HARNESS = r'''
 import _io, builtins, io, marshal, os, posix, resource, sys
-with open(sys.argv[1], 'rb') as fh:
-    program, tests, token, limits = marshal.load(fh)
-os.remove(sys.argv[1])
+program, tests, token, imports, limits, uid = marshal.loads(sys.stdin.buffer.read())
 write, exit_now = os.write, os._exit  # the harness keeps these; the guard takes them from the program
-import collections, functools, itertools, math, re, string  # what a program may import in the chroot
+def report(*words):  # a line of its own, marked with this run's random token
+    write(1, ('\n' + ' '.join((token,) + words) + '\n').encode())
+for name in imports:  # after the chroot no module can load: load those the program imports now
+    __import__(name)
 for name, value in limits.items():
     resource.setrlimit(getattr(resource, name), (value, value))
-if os.getuid() == 0:  # lock the program in the scratch dir as nobody (RLIMIT_NPROC does not bind root)
+if uid is not None:  # root: drop it for good before the program runs, or never run the program (fail closed)
     try:
-        os.chroot('.'); os.setgroups([]); os.setgid(65534); os.setuid(65534)
-    except OSError:  # not permitted here: only the guard below stops forks and writes
-        pass
-resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (nor threads)
+        os.chroot('.'); os.chdir('/'); os.setgroups([]); os.setgid(uid); os.setuid(uid)
+        if os.getresuid() != (uid,) * 3 or os.getresgid() != (uid,) * 3:
+            raise PermissionError('root was not dropped')
+    except Exception as e:
+        report('refused', f'{type(e).__name__}: {e}')
+        exit_now(0)
+resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (nor threads) for this uid
 def blocked(*args, **kwargs):
     raise PermissionError('blocked by the sandbox')
 for name in ('fork forkpty system popen execv execve spawnv spawnve posix_spawn posix_spawnp kill killpg abort '
              '_exit remove unlink rmdir removedirs rename renames replace truncate chmod chown lchown link '
-             'symlink mkfifo mknod putenv unsetenv setuid setgid setsid chdir chroot open').split():
+             'symlink mkdir mkfifo mknod putenv unsetenv setuid setgid setsid chdir chroot open').split():
     setattr(os, name, blocked); setattr(posix, name, blocked)  # os re-exports posix's functions
 for name in ('subprocess', 'multiprocessing', '_posixsubprocess', 'ctypes', '_ctypes', 'socket', '_socket'):
     sys.modules[name] = None  # importing it now raises ImportError
@@ -53,53 +80,133 @@ def read_only_open(file, mode='r', *args, **kwargs):
         raise PermissionError('writing files is blocked by the sandbox')
     return real_open(file, mode, *args, **kwargs)
 builtins.open = io.open = _io.open = read_only_open
-namespace, status = {'__name__': '__main__'}, 'error'
+def plain(value):  # strictly plain types: no class of the program's answers for the value
+    if type(value) in (list, tuple, set, dict):
+        return all(map(plain, value)) and (type(value) is not dict or all(map(plain, value.values())))
+    return type(value) in (bool, int, float, complex, str, bytes, type(None))
+namespace = {'__name__': '__main__'}
 try:
     exec(compile(program, '<program>', 'exec'), namespace)
-    try:
-        exec(compile(tests, '<tests>', 'exec'), namespace)
-        status = 'pass'
-    except AssertionError:
-        status = 'fail'
-except BaseException:  # errors, SystemExit, KeyboardInterrupt: the tests did not run through
+    if isinstance(tests, str):  # any other tests run here; only a line with the token reports how they went
+        try:
+            exec(compile(tests, '<tests>', 'exec'), namespace)
+            report('pass')
+        except AssertionError:
+            report('fail')
+    else:  # the world's tests: report what each call returns; the parent, who alone knows the answers, judges
+        for i, (name, args) in enumerate(tests):
+            value = eval(name, namespace)(*args)
+            report(str(i), ascii(value) if plain(value) else 'not-plain')
+except BaseException:  # errors, SystemExit, KeyboardInterrupt: what was reported stands, the rest is missing
     pass
-write(1, f'\n{token} {status}\n'.encode())
 exit_now(0)  # skip any atexit handlers and finalizers the program left
 '''
 
 
-def execute(program, tests, timeout=EXEC_TIMEOUT):
-    """Run program then tests in a sandboxed child: "pass"; "fail" (an assert failed); "error" (syntax
-    or runtime error, or the program exited or was killed before the tests reported); "timeout" (wall
-    clock or CPU time). Only a line with this run's random token, written by the harness after the
-    tests, reports pass or fail, so printing "pass" or exiting early does not fake one."""
-    scratch, token = tempfile.mkdtemp(prefix='sandbox-'), secrets.token_hex(16)
+def _calls(tests):
+    """Tests in the world's shape, one `assert name(<literals>) == <literal>` per statement, as a list
+    of (name, args, expected); None for any other tests."""
+    calls = []
     try:
-        job = os.path.join(scratch, 'job')
-        limits = {'RLIMIT_CPU': math.ceil(timeout) + 1, 'RLIMIT_AS': MEMORY_LIMIT, 'RLIMIT_FSIZE': OUTPUT_LIMIT,
+        for node in ast.parse(tests).body:
+            match node:
+                case ast.Assert(test=ast.Compare(left=ast.Call(func=ast.Name(id=name), args=args, keywords=[]),
+                                                 ops=[ast.Eq()], comparators=[expected]), msg=None):
+                    calls.append((name, tuple(map(ast.literal_eval, args)), ast.literal_eval(expected)))
+                case _:
+                    return None
+    except Exception:  # not Python, or not literals
+        return None
+    return calls or None
+
+
+def _imports(program):
+    """The modules of IMPORTABLE that the program imports, to load before the chroot (loading all of them
+    would double the child's start-up time)."""
+    try:
+        nodes = list(ast.walk(ast.parse(program)))
+    except Exception:  # the child reports the syntax error
+        return []
+    names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+    return sorted({name.split('.')[0] for name in names} & IMPORTABLE)
+
+
+_warned = set()
+
+
+def _warn(message):
+    """Say something about the harness itself (not about a program) on stderr, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f'sandbox: {message}', file=sys.stderr, flush=True)
+
+
+def _run(job, timeout):
+    """Run the harness on job (program, tests or calls, token, imports) in a child: (its output, its return code)."""
+    root = os.geteuid() == 0
+    if not root:
+        _warn('not running as root: programs run as this user, with no chroot and no uid of their own, '
+              'behind an in-process guard only (see sandbox.py)')
+    slot, scratch = _slots.get() if root else None, None
+    try:
+        # the child's folder, made read-only: owned by root it is the chroot, where the program can create nothing
+        scratch = tempfile.mkdtemp(prefix=f'sandbox-{os.getpid()}-')
+        os.chmod(scratch, 0o555)
+        limits = {'RLIMIT_CPU': int(timeout) + 1, 'RLIMIT_AS': MEMORY_LIMIT, 'RLIMIT_FSIZE': OUTPUT_LIMIT,
                   'RLIMIT_CORE': 0}
-        with open(job, 'wb') as fh:
-            marshal.dump((program, tests, token, limits), fh)
-        if os.getuid() == 0:
-            os.chown(scratch, NOBODY, NOBODY)  # the child works here as nobody
+        uid = UID_BASE + os.getpid() * SLOTS + slot if root else None
         with tempfile.TemporaryFile() as out:  # unnamed: only the child's stdout and stderr reach it
-            proc = subprocess.Popen([sys.executable, '-I', '-S', '-c', HARNESS, job], cwd=scratch, env={},
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, '-I', '-S', '-c', HARNESS], cwd=scratch, env={},
+                                    stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True)
             try:
-                proc.wait(timeout)
+                proc.communicate(marshal.dumps((*job, limits, uid)), timeout)
             except subprocess.TimeoutExpired:
                 pass
-            finally:  # the whole process group, should anything have escaped the fork block
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            finally:  # it cannot have started other processes: killing it ends all it ran
+                proc.kill()
                 proc.wait()
             out.seek(0)
-            output = out.read()  # at most OUTPUT_LIMIT bytes
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU):  # our kill at the wall-clock limit, or RLIMIT_CPU
+            return out.read(), proc.returncode  # at most OUTPUT_LIMIT bytes and the harness's last lines
+    finally:  # the child is dead: its slot is free again. As root its folder is empty: one rmdir removes it;
+        if root:  # without root, whatever a program left there stays, and rmdir's error makes the verdict "error"
+            _slots.put(slot)
+        if scratch:
+            os.rmdir(scratch)
+
+
+def execute(program, tests, timeout=EXEC_TIMEOUT):
+    """Run program then tests in a sandboxed child: "pass"; "fail" (an assert failed); "error" (syntax
+    or runtime error, or the program exited or was killed before the tests reported, or the harness
+    could not run it); "timeout" (wall clock or CPU time). Never raises. Tests in the world's shape are
+    judged here from the values the child reports; others by a line with this run's random token,
+    written by the harness after the tests, so printing "pass" or exiting early does not fake one."""
+    calls, token = _calls(tests), secrets.token_hex(16)
+    try:
+        job = (program, tests if calls is None else [c[:2] for c in calls], token, _imports(program))
+        output, returncode = _run(job, timeout)
+    except Exception as e:  # no disk, no processes left, or files a program left without root: go on, say why
+        _warn(f'could not run a program or clean up after it ({type(e).__name__}: {e}); it counts as an error')
+        return 'error'
+    found = dict(re.findall(f'^{token} (\\S+) ?(.*)$', output.decode('latin-1'), re.MULTILINE))
+    if 'refused' in found:
+        _warn(f'the child could not drop root ({found["refused"]}), so no program runs: every verdict is "error"')
+        return 'error'
+    if calls is not None:  # in order, as the asserts would run; the child never saw an expected value
+        for i, (_, _, expected) in enumerate(calls):
+            if str(i) not in found:
+                break
+            try:
+                right = ast.literal_eval(found[str(i)]) == expected  # plain values on both sides: a trusted ==
+            except Exception:  # not a plain literal ("not-plain", say): not the expected value
+                right = False
+            if not right:
+                return 'fail'
+        else:
+            return 'pass'
+    if returncode in (-signal.SIGKILL, -signal.SIGXCPU):  # our kill at the wall-clock limit, or RLIMIT_CPU
         return 'timeout'
-    return next((s for s in ('pass', 'fail') if f'\n{token} {s}\n'.encode() in output), 'error')
+    return next((s for s in ('pass', 'fail') if calls is None and s in found), 'error')
 
 
 def execute_many(jobs, timeout=EXEC_TIMEOUT, workers=None):

@@ -5,14 +5,22 @@ The domain-pretrained model learns to answer requests in the chat format from wh
 demonstrators wrote (tasks.demonstrate), as InstructGPT fine-tuned GPT-3 on labeler-written
 demonstrations (Ouyang et al. 2022, sec. 3.5) and Codex-S fine-tuned Codex on standalone
 functions (Chen et al. 2021, sec. 4). The loss covers only the assistant's tokens: the model is
-never trained to write the user's request (data.encode_chat marks them).
+never trained to write the user's request (data.encode_chat marks them). Mixed in: factual questions
+about the standard library answered with the toolset (tools.py; LaMDA, Sparrow): a lookup call,
+its result, then the answer quoting the evidence. The result is the tool's, not the assistant's:
+it is masked out of the loss like the request. With --tools 0 the same questions are answered
+closed-book (the answer alone), the baseline that grounding must beat.
 
 Then the gold judge (tasks.evaluate_policy): pass@1 on held-out prompts, greedy and sampled;
 pass@k for k = 1..n with the unbiased estimator; reranking the n samples by mean token
 log-probability (Codex, sec. 3.3) against a random pick; and the domain model prompted few-shot
-(tasks.evaluate_few_shot), the baseline that fine-tuning must beat (GPT-3 vs fine-tuning).
+(tasks.evaluate_few_shot), the baseline that fine-tuning must beat (GPT-3 vs fine-tuning); and on
+factual questions about held-out modules, accuracy and attribution (tools.evaluate_facts). The
+test prompts' samples go to out_dir/samples_test.json: best-of-n (reward.py) reranks them and
+every RL run (ppo.py) is compared with them.
 
     python sft.py                                    # cpu preset, from out/pretrain_domain/ckpt.pt
+    python sft.py --tools 0 --out_dir out/sft_closed_book   # the closed-book baseline
     python sft.py --preset gpu --out_dir out_gpu/sft --init_from out_gpu/pretrain_domain/ckpt.pt ...
 
 Honest simplifications: InstructGPT trained 16 epochs with dropout 0.2 and picked the checkpoint
@@ -34,13 +42,19 @@ from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction,
 from data import EOT, chat_batch, encode_chat, load_tokenizer
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set
+from tools import demonstrate_fact, evaluate_facts, load_index, make_questions
 
 PRESETS = {
-    "quick": dict(n_train=400, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=24, n_samples=4),
-    "cpu": dict(n_train=32000, max_steps=1000, batch_size=32, lr=3e-3, eval_interval=100, n_eval=150, n_samples=10),
-    "gpu": dict(n_train=100000, max_steps=3000, batch_size=64, lr=3e-4, eval_interval=500, n_eval=500, n_samples=20),
+    "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
+                  n_samples=4, n_fact_eval=16),
+    "cpu": dict(n_train=28000, n_facts=4000, max_steps=1000, batch_size=32, lr=3e-3, eval_interval=100, n_eval=150,
+                n_samples=16, n_fact_eval=200),
+    "gpu": dict(n_train=90000, n_facts=10000, max_steps=3000, batch_size=64, lr=3e-4, eval_interval=500, n_eval=500,
+                n_samples=64, n_fact_eval=446),
 }
 N_VAL = 256  # held-out demonstrations for the validation loss
+FACT_SEED, FACT_EVAL_SEED = 50, 51  # seed offsets: fact questions for training, held-out ones for the judge
+FACT_MAX_NEW_TOKENS = 200  # a tool result alone can take 100 tokens
 LENGTH_WINDOW = 50  # batches per window sorted by length (length_grouped_batches)
 
 
@@ -67,6 +81,11 @@ if __name__ == "__main__":
     # data
     parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
+    parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
+    parser.add_argument("--tools", type=int, choices=(0, 1), default=1, help="answer them with a lookup and a quote "
+                        "(1), or closed-book (0, the baseline)")
+    parser.add_argument("--docs_index", default="out/docs/index.json", help="the documentation index's cache "
+                        "(tools.py --out_dir out/docs writes it; built here if missing)")
     # optimization
     parser.add_argument("--max_steps", type=positive_int, help="optimizer steps")
     parser.add_argument("--batch_size", type=positive_int, help="demonstrations per step")
@@ -83,6 +102,7 @@ if __name__ == "__main__":
     parser.add_argument("--n_samples", type=positive_int, help="samples per prompt for pass@k and reranking")
     parser.add_argument("--n_shots", type=positive_int, default=2, help="worked examples in the base model's prompt")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest answer in the evaluation")
+    parser.add_argument("--n_fact_eval", type=positive_int, help="held-out factual questions in the evaluation")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds demonstrations and batches")
@@ -95,7 +115,7 @@ if __name__ == "__main__":
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
 
     # -----------------------------------------------------------------------------
-    # data: a demonstration for every training task; validation on held-out combinations
+    # data: a demonstration for every training task and factual question; validation on dev compositions
     enc = load_tokenizer(args.tokenizer)
     rng = random.Random(args.seed)
     train_tasks = prompt_set("sft_train", args.n_train, args.seed)
@@ -103,8 +123,12 @@ if __name__ == "__main__":
     val_tasks = prompt_set("sft_val", N_VAL, args.seed)
     val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
     train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
+    docs = load_index(args.docs_index)
+    facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
+    train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
     demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
-    print(f"data: {len(train_examples)} demonstrations ({demo_flaw_rate:.1%} with a flaw), mean "
+    print(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and {len(facts)} "
+          f"factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
           f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
     pad_id = enc.encode_single_token(EOT)
 
@@ -118,7 +142,7 @@ if __name__ == "__main__":
     model = model_from_checkpoint(resume or parent, device)
     print(f"model shape inherited from {args.init_from}: " +
           " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
-    too_long = sum(len(t) > model.config.block_size for t, _ in train_examples + val_examples)
+    too_long = sum(len(t) > model.config.block_size for t, _ in train_examples + val_examples)  # never cut silently
     if too_long:
         raise ValueError(f"{too_long} demonstrations exceed the model's block_size {model.config.block_size}: "
                          f"pretrain with a larger --block_size")
@@ -144,7 +168,7 @@ if __name__ == "__main__":
         for start in range(0, len(val_examples), args.batch_size):
             x, y = chat_batch(val_examples[start:start + args.batch_size], pad_id, device)
             with autocast:
-                losses.append(model(x, y)[1].item())
+                losses.append(model(x, y, trained_only=True)[1].item())
         model.train()
         return fmean(losses)
 
@@ -179,7 +203,7 @@ if __name__ == "__main__":
             batches = length_grouped_batches(train_examples, args.batch_size, batch_rng)
         x, y = chat_batch([train_examples[i] for i in batches.pop()], pad_id, device)
         with autocast:
-            _, loss = model(x, y)  # mean over the assistant's tokens only (targets are -1 elsewhere)
+            _, loss = model(x, y, trained_only=True)  # mean over the assistant's tokens only (targets are -1 elsewhere)
         loss.backward()
         lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
         norm = clip_and_step(model, optimizer, lr, args.grad_clip)
@@ -194,27 +218,39 @@ if __name__ == "__main__":
     train_seconds = time.time() - t_start
 
     # -----------------------------------------------------------------------------
-    # the final summary: the gold judge on held-out prompts, and the few-shot base model
+    # the final summary: the gold judge on held-out prompts, the few-shot base model, the toolset
     t0 = time.time()
-    eval_tasks = prompt_set("eval", args.n_eval, args.seed)
+    test_tasks = prompt_set("test", args.n_eval, args.seed)
+    unseen = prompt_set("unseen_train", args.n_eval, args.seed)
+    fact_questions = make_questions(docs, "heldout", args.n_fact_eval, args.seed + FACT_EVAL_SEED)
+    fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
+                                                                           for q in fact_questions))
     with autocast:
+        test, samples = evaluate_policy(model, enc, test_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)
         results = dict(
-            heldout_comp=evaluate_policy(model, enc, eval_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)[0],
-            heldout_phrase=evaluate_policy(model, enc, prompt_set("eval_phrase", args.n_eval, args.seed),
-                                           max_new_tokens=args.max_new_tokens)[0],
-            train_split=evaluate_policy(model, enc, prompt_set("eval_train", args.n_eval, args.seed),
-                                        max_new_tokens=args.max_new_tokens)[0])
-        base = model_from_checkpoint(parent, device)
-        results["few_shot_base"] = evaluate_few_shot(base, enc, eval_tasks, prompt_set("few_shot", args.n_shots, args.seed))
+            test=test, facts=evaluate_facts(model, enc, docs, fact_questions, fact_tokens),
+            test_phrase=evaluate_policy(model, enc, prompt_set("test_phrase", args.n_eval, args.seed),
+                                        max_new_tokens=args.max_new_tokens)[0],
+            unseen_train=evaluate_policy(model, enc, unseen, max_new_tokens=args.max_new_tokens)[0],
+            few_shot_base=evaluate_few_shot(model_from_checkpoint(parent, device), enc, test_tasks,
+                                            prompt_set("few_shot", args.n_shots, args.seed)))
     demo_evals = gold_eval_many(train_tasks[:args.n_eval], [code for code, _ in train_demos[:args.n_eval]])
     summary = dict(results, demonstrations=dict(
         flaw_rate_config=args.flaw_rate, flaw_rate=demo_flaw_rate, pass_rate=fmean(e["passed"] for e in demo_evals),
         violation_rate=fmean(any(e["violations"].values()) for e in demo_evals)),
+        unseen_overlap=len({t.prompt for t in unseen} & {t.prompt for t in train_tasks}),
         train_seconds=train_seconds, eval_seconds=time.time() - t0, n_eval=args.n_eval, n_samples=args.n_samples,
-        n_shots=args.n_shots)
+        n_shots=args.n_shots, n_facts=len(facts), tools=args.tools)
+    # the SFT model's test samples, judged: best-of-n reranks them, every RL run is compared with them
+    write_json(os.path.join(args.out_dir, "samples_test.json"), dict(
+        n_samples=args.n_samples, prompts=[encode_chat(enc, t.prompt)[0] for t in test_tasks],
+        samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    h = results["heldout_comp"]
-    print(f"held-out compositions: pass@1 greedy {h['greedy']['pass1']:.1%} | sampled {h['sampled']['pass1']:.1%} | "
-          f"pass@{args.n_samples} {h['pass_at_k'][args.n_samples]:.1%} | reranked {h['pass1_reranked_logp']:.1%} | "
-          f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations {h['sampled']['violation_rate']:.1%}")
-    print("example:\n" + h["greedy"]["examples"][0])
+    facts_result = results["facts"]
+    print(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
+          f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked {test['pass1_reranked_logp']:.1%} | "
+          f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations "
+          f"{test['sampled']['violation_rate']:.1%}")
+    print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
+          f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
+    print("example:\n" + test["greedy"]["examples"][0])

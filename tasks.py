@@ -20,6 +20,7 @@ from collections import namedtuple
 from dataclasses import dataclass
 from statistics import fmean
 
+import numpy as np
 import torch
 
 from data import END, EOT, encode_chat
@@ -107,7 +108,7 @@ INPUTS = {  # random test inputs; strings mix cases and have spaces, for upper, 
     'str': lambda rng: ''.join(rng.choice('abcdeABCDE  ') for _ in range(rng.randint(1, 8))),
     'list': lambda rng: [rng.randint(-9, 9) for _ in range(rng.randint(1, 6))],
 }
-SPLITS = ('train', 'heldout_comp', 'heldout_phrase')
+SPLITS = ('train', 'dev', 'test', 'heldout_phrase')  # dev and test: the held-out compositions, halved
 
 
 def _combos(tin, depth):
@@ -118,13 +119,31 @@ def _combos(tin, depth):
             for rest in _combos(op.tout, depth - 1) if not rest or rest[0] != name]
 
 
+def _digest(text):
+    return int(hashlib.md5(text.encode()).hexdigest(), 16)  # stable, unlike Python's salted hash()
+
+
 def is_heldout_comp(ops):
-    """A fifth of the 2- and 3-deep combinations, by a stable hash (Python's hash() is salted)."""
-    return len(ops) > 1 and int(hashlib.md5('|'.join(ops).encode()).hexdigest(), 16) % 5 == 0
+    """A fifth of the 2- and 3-deep combinations, by a stable hash."""
+    return len(ops) > 1 and _digest('|'.join(ops)) % 5 == 0
 
 
-COMBOS = {(t, d, held): [c for c in _combos(t, d) if is_heldout_comp(c) == held]
-          for t in DESC for d in (1, 2, 3) for held in (False, True)}
+def combo_split(ops):
+    """'train', or for held-out compositions 'dev' or 'test', halved by the next digit of the same
+    hash: settings are chosen on dev prompts, and the report is measured on test prompts only."""
+    return ('dev', 'test')[_digest('|'.join(ops)) // 5 % 2] if is_heldout_comp(ops) else 'train'
+
+
+COMBOS = {(t, d, part): [c for c in _combos(t, d) if combo_split(c) == part]
+          for t in DESC for d in (1, 2, 3) for part in ('train', 'dev', 'test')}
+# Prompts of the training combinations are dealt into pools by a hash of their text, so that no
+# prompt PPO trains on, and none the report calls unseen, is among SFT's demonstrations.
+POOLS = ('sft', 'rl', 'unseen')
+
+
+def prompt_pool(prompt):
+    digit = _digest(prompt) % 10
+    return 'rl' if digit == 0 else 'unseen' if digit == 1 else 'sft'
 
 
 @dataclass(frozen=True)
@@ -159,12 +178,15 @@ def _clauses(ops, consts, subject, picks, refs):
                           for i, (op, c, p) in enumerate(zip(ops, consts, picks)))
 
 
-def _make_tests(reference, func_name, arg_type, rng):
-    """4-6 asserts on distinct inputs the reference accepts (max() of an emptied list does not)."""
+def _make_tests(reference, func_name, arg_type, rng, exclude=()):
+    """4-6 asserts on distinct inputs the reference accepts (max() of an emptied list does not),
+    none of them among exclude (reprs of inputs)."""
     namespace, cases, want = {}, {}, rng.randint(4, 6)
     exec(reference, namespace)  # our own generated code, trusted
     for _ in range(50):
         x = INPUTS[arg_type](rng)
+        if repr(x) in exclude:
+            continue
         with contextlib.suppress(Exception):
             cases.setdefault(repr(x), repr(namespace[func_name](x)))
         if len(cases) == want:
@@ -172,14 +194,15 @@ def _make_tests(reference, func_name, arg_type, rng):
     return None
 
 
-def make_tasks(split, n, seed):
-    """n tasks of a split, deterministic in (split, n, seed)."""
-    assert split in SPLITS, split
+def make_tasks(split, n, seed, pool=None):
+    """n tasks of a split, deterministic in (split, n, seed); with a pool, only prompts of that pool."""
+    assert split in SPLITS and pool in (None, *POOLS), (split, pool)
     rng, tasks, held = random.Random(f'{split}:{seed}'), [], split == 'heldout_phrase'
+    combos = 'train' if split in ('train', 'heldout_phrase') else split
     while len(tasks) < n:
         t = rng.choice(tuple(DESC))
-        depth = rng.choice((2, 3) if split == 'heldout_comp' else (1, 2, 3))
-        ops = rng.choice(COMBOS[t, depth, split == 'heldout_comp'])
+        depth = rng.choice((1, 2, 3) if combos == 'train' else (2, 3))
+        ops = rng.choice(COMBOS[t, depth, combos])
         consts = tuple(tuple(rng.choice(choices) for choices in OPS[o].consts) for o in ops)
         arg = rng.choice(ARG_NAMES[t])
         words = (_fill(OPS[o].word, c) for o, c in zip(ops, consts))
@@ -192,31 +215,34 @@ def make_tasks(split, n, seed):
         steps = _clauses(ops, consts, f'`{arg}`', picks, [rng.choice(('it', 'the result')) for _ in ops])
         prompt = FRAMES[frame].format(sig=f'{func}({arg})', f=func, a=arg, desc=DESC[t], steps=steps,
                                       Steps=steps[0].upper() + steps[1:])
+        if pool is not None and prompt_pool(prompt) != pool:
+            continue
         reference = f'def {func}({arg}):\n    return {_expr(ops, consts, arg, [0] * len(ops))}\n'
         if tests := _make_tests(reference, func, t, rng):  # None if the reference rejected too many inputs
             tasks.append(Task(prompt, func, arg, t, ops, tests, reference, consts, (frame, *picks)))
     return tasks
 
 
-# The prompt sets, by name: (split, offset added to the run's seed). Every stage draws its prompts
-# through prompt_set(), so that 'eval' is the same 150 prompts in sft.py, reward.py, ppo.py and the
-# report by construction, not because three files repeat `seed + 2`.
+# The prompt sets, by name: (split, offset added to the run's seed, pool). Every stage draws its
+# prompts through prompt_set(), so that 'test' is the same prompts in every stage and the report by
+# construction, not because several files repeat `seed + 2`.
 PROMPT_SETS = {
-    'sft_train': ('train', 0),             # the demonstrations' requests
-    'sft_val': ('heldout_comp', 1),        # SFT validation loss
-    'eval': ('heldout_comp', 2),           # the held-out prompts every stage is judged on
-    'eval_phrase': ('heldout_phrase', 3),  # held-out sentence frames
-    'eval_train': ('train', 4),            # training combinations and frames, new draws
-    'few_shot': ('train', 5),              # the worked examples in the base model's prompt
-    'reward_train': ('train', 10),         # prompts sampled, ranked and probed for the reward models
-    'ppo_train': ('train', 30),            # PPO's rollout prompts
+    'sft_train': ('train', 0, 'sft'),          # the demonstrations' requests
+    'sft_val': ('dev', 1, None),               # SFT validation loss
+    'dev': ('dev', 2, None),                   # for choosing settings (README: which, and how)
+    'test': ('test', 2, None),                 # held-out compositions: what the report measures
+    'test_phrase': ('heldout_phrase', 3, None),  # training combinations in held-out sentence frames
+    'unseen_train': ('train', 4, 'unseen'),    # training combinations and frames, prompts no stage trains on
+    'few_shot': ('train', 5, 'sft'),           # the worked examples in the base model's prompt
+    'reward_train': ('train', 10, 'sft'),      # prompts sampled, ranked and probed for the reward models
+    'ppo_train': ('train', 30, 'rl'),          # RL's rollout prompts, never among SFT's
 }
 
 
 def prompt_set(name, n, seed):
     """The first n tasks of a named prompt set (deterministic in name, n and seed)."""
-    split, offset = PROMPT_SETS[name]
-    return make_tasks(split, n, seed + offset)
+    split, offset, pool = PROMPT_SETS[name]
+    return make_tasks(split, n, seed + offset, pool)
 
 # -----------------------------------------------------------------------------
 # the demonstrators: correct code in varied styles, and sometimes one realistic flaw
@@ -326,6 +352,14 @@ def labeler_rank(utilities, rng, noise=LABELER_NOISE):
     return sorted(range(len(utilities)), key=lambda i: -scores[i])
 
 
+def compare(utility_a, utility_b, rng, noise=LABELER_NOISE):
+    """One head-to-head judgment of answer a against answer b: (a simulated labeler's verdict, 1 if
+    a wins, else 0: a fresh noisy draw as for the reward model's data, so ties become coin flips;
+    the noiseless verdict, 1, 0 or 0.5 for a tie). InstructGPT's win rates are the first kind."""
+    labeler = float(labeler_rank([utility_a, utility_b], rng, noise)[0] == 0)
+    return labeler, 1.0 if utility_a > utility_b else 0.0 if utility_a < utility_b else 0.5
+
+
 def labeler_agreement(utility_lists, rng, noise=LABELER_NOISE):
     """The fraction of non-tied pairs, within each list, that a labeler orders as the utility does."""
     agree = total = 0
@@ -340,12 +374,30 @@ def labeler_agreement(utility_lists, rng, noise=LABELER_NOISE):
 # the gold judge and evaluation helpers
 
 
-def gold_eval_many(tasks, responses, timeout=EXEC_TIMEOUT):
-    """For each response: the sandbox result, passed, the rule violations and the utility."""
+def fresh_tests(task):
+    """A second, independent set of hidden tests for the same request: new inputs, expected values
+    from the reference. An answer that passes task.tests but fails these has learned the tests'
+    inputs, not the request: reward hacking, when the tests were its reward."""
+    seen = {repr(ast.literal_eval(node.test.left.args[0])) for node in ast.parse(task.tests).body}
+    rng = random.Random(f'fresh:{task.prompt}')
+    return _make_tests(task.reference, task.func_name, task.arg_type, rng, exclude=seen) or task.tests
+
+
+def gold_eval_many(tasks, responses, timeout=EXEC_TIMEOUT, fresh=False):
+    """For each response: the sandbox result, passed, the rule violations and the utility; with
+    fresh, also whether the responses that passed pass fresh tests too (passed_fresh)."""
     results = execute_many([(r, t.tests) for t, r in zip(tasks, responses)], timeout)
     violations = [check_rules(r) for r in responses]
-    return [{'result': res, 'passed': res == 'pass', 'violations': v, 'utility': utility(res == 'pass', v, r)}
-            for r, res, v in zip(responses, results, violations)]
+    evals = [{'result': res, 'passed': res == 'pass', 'violations': v, 'utility': utility(res == 'pass', v, r)}
+             for r, res, v in zip(responses, results, violations)]
+    if fresh:
+        passing = [i for i, e in enumerate(evals) if e['passed']]
+        again = execute_many([(responses[i], fresh_tests(tasks[i])) for i in passing], timeout)
+        for e in evals:
+            e['passed_fresh'] = False
+        for i, res in zip(passing, again):
+            evals[i]['passed_fresh'] = res == 'pass'
+    return evals
 
 
 def pass_at_k(n, c, k):
@@ -354,6 +406,19 @@ def pass_at_k(n, c, k):
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def bootstrap_ci(values, groups=None, n_boot=2000, seed=0, level=0.95):
+    """A percentile bootstrap interval for the mean of values, resampling whole groups (the samples
+    of one prompt, or one validation window) with replacement: (low, high). For a difference between
+    two policies on the same prompts, pass the per-sample differences (a paired bootstrap)."""
+    values = np.asarray(values, dtype=np.float64)
+    groups = np.arange(len(values)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sums, counts = np.bincount(groups, weights=values), np.bincount(groups).astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def few_shot_prompt(examples, task, solutions):
@@ -403,35 +468,49 @@ def mean_logprob(sample):
     return fmean(lp for lp, forced in zip(sample['logprobs'], sample['forced']) if not forced)
 
 
-def judge_responses(tasks, responses):
-    """The gold judge's summary of one response per task: pass rate, mean utility, share breaking
-    a rule, and the per-response utilities (for win rates)."""
-    evals = gold_eval_many(tasks, [r['text'] for r in responses])
-    return dict(pass1=fmean(e['passed'] for e in evals), utility=fmean(e['utility'] for e in evals),
-                violation_rate=fmean(any(e['violations'].values()) for e in evals),
-                ended=fmean(r['ended'] for r in responses), utilities=[e['utility'] for e in evals],
-                passed=[e['passed'] for e in evals], examples=[r['text'] for r in responses[:3]])
+def judge_responses(tasks, responses, fresh=False):
+    """The gold judge on one response per task, written into each response's dict (passed,
+    utility, violated, and with fresh passed_fresh and hacked: passed its tests, failed fresh ones),
+    and summarized: the rates, and the per-response lists that win rates and intervals need."""
+    evals = gold_eval_many(tasks, [r['text'] for r in responses], fresh=fresh)
+    for r, e in zip(responses, evals):
+        r.update(passed=e['passed'], utility=e['utility'], violated=any(e['violations'].values()))
+        if fresh:
+            r.update(passed_fresh=e['passed_fresh'], hacked=e['passed'] and not e['passed_fresh'])
+    keys = ('passed', 'utility', 'violated') + (('hacked',) if fresh else ())
+    out = {key: [r[key] for r in responses] for key in keys}
+    return dict(out, pass1=fmean(out['passed']), mean_utility=fmean(out['utility']),
+                violation_rate=fmean(out['violated']), ended=fmean(r['ended'] for r in responses),
+                examples=[r['text'] for r in responses[:3]], **({'hack_rate': fmean(out['hacked'])} if fresh else {}))
 
 
 def evaluate_policy(model, enc, tasks, n_samples=0, temperature=1.0, max_new_tokens=96, seed=0):
     """The gold judge on a chat policy: its greedy answers and, with n_samples, n samples per prompt
-    at the temperature (the distribution RL optimizes): their pass rate, utility and rule violations,
-    pass@k for k = 1..n_samples, and pass@1 of the sample with the highest mean token log-probability
-    (Codex's reranking, Chen et al. 2021, sec. 3.3) against a random pick. Returns (metrics, samples)."""
+    at the temperature (the distribution RL optimizes): their pass rate, utility, rule violations
+    and hack rate (fresh tests), pass@k for k = 1..n_samples, and pass@1 of the sample with the
+    highest mean token log-probability (Codex's reranking, Chen et al. 2021, sec. 3.3) against a
+    random pick. Returns (metrics, samples), the samples prompt-major with their verdicts."""
     prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
     m = dict(greedy=judge_responses(tasks, sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens)))
     samples = []
     if n_samples:
         g = torch.Generator().manual_seed(seed)
         samples = sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, g)
-        m['sampled'] = judge_responses([t for t in tasks for _ in range(n_samples)], samples)
+        m['sampled'] = judge_responses([t for t in tasks for _ in range(n_samples)], samples, fresh=True)
         passed = m['sampled']['passed']
         groups = [range(i * n_samples, (i + 1) * n_samples) for i in range(len(tasks))]
         counts = [sum(passed[j] for j in group) for group in groups]
         m['pass_at_k'] = {k: fmean(pass_at_k(n_samples, c, k) for c in counts) for k in range(1, n_samples + 1)}
-        best = [max(group, key=lambda j: mean_logprob(samples[j])) for group in groups]
-        m['pass1_reranked_logp'] = fmean(passed[j] for j in best)
+        m['reranked_passed'] = [passed[j] for j in rerank_by_logprob(samples, n_samples)]
+        m['pass1_reranked_logp'] = fmean(m['reranked_passed'])
     return m, samples
+
+
+def rerank_by_logprob(samples, n_samples):
+    """Codex's reranking: of each prompt's n_samples consecutive samples, the index of the one with
+    the highest mean token log-probability (Chen et al. 2021, sec. 3.3)."""
+    groups = [range(i, i + n_samples) for i in range(0, len(samples), n_samples)]
+    return [max(group, key=lambda j: mean_logprob(samples[j])) for group in groups]
 
 
 @torch.no_grad()
@@ -445,7 +524,7 @@ def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=80, batch_size=64
         tokens = model.generate(prompts[start:start + batch_size], max_new_tokens, 0.0).tokens
         responses += [extract_code(enc.decode(row)) for row in tokens.tolist()]
     evals = gold_eval_many(tasks, responses)
-    return dict(pass1=fmean(e['passed'] for e in evals), examples=responses[:3])
+    return dict(pass1=fmean(e['passed'] for e in evals), passed=[e['passed'] for e in evals], examples=responses[:3])
 
 
 def best_of_n(samples_scores, rule_probs, n, threshold=0.5):

@@ -133,10 +133,10 @@ if __name__ == "__main__":
     from model import GPT, GPTConfig
     flops = GPT(GPTConfig(block_size=args.block_size, vocab_size=enc.n_vocab, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)).flops_per_token(args.block_size)
-    peak = peak_flops(device)
+    peak, peak_source = peak_flops(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"shape: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} channels, block {args.block_size}, "
-          f"{tokens:,} tokens/step | {name} | peak {peak / 1e12:.3f} TFLOP/s")
+          f"{tokens:,} tokens/step | {name} | peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
     for label, rates in ((f"ours (pretrain.py, {args.attn})", ours), ("nanoGPT-style reference", ref)):
         best = max(rates)
         print(f"{label:>24}: {best:10,.0f} tok/s (best of {len(rates)}: "

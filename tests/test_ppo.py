@@ -99,11 +99,18 @@ def test_kl_is_zero_against_itself_and_the_score_lands_on_the_last_response_toke
 
 
 def test_a_missing_end_token_is_penalized():
-    score = sequence_score(torch.tensor([0.5, 0.5]), torch.tensor([[0.0, 0.0], [0.0, 0.0]]),
-                           torch.tensor([1.0, 0.0]), rule_coef=1.0, missing_end_penalty=2.0)
+    score = sequence_score(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0]), torch.tensor([[0.0, 0.0], [0.0, 0.0]]),
+                           torch.tensor([1.0, 0.0]), "rm", 1.0, rule_coef=1.0, missing_end_penalty=2.0)
     assert score.tolist() == [0.5, -1.5]
-    score = sequence_score(torch.tensor([0.5]), torch.tensor([[0.25, 0.5]]), torch.tensor([1.0]), 2.0, 1.0)
+    score = sequence_score(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([[0.25, 0.5]]), torch.tensor([1.0]),
+                           "rm", 1.0, 2.0, 1.0)
     assert score.tolist() == [0.5 - 2.0 * 0.75]
+
+
+def test_the_reward_sources():
+    rm, passed, rules, ended = torch.tensor([0.3, -0.2]), torch.tensor([1.0, 0.0]), torch.zeros(2, 2), torch.ones(2)
+    assert sequence_score(rm, passed, rules, ended, "tests", 2.0, 1.0, 1.0).tolist() == [1.0, 0.0]
+    assert sequence_score(rm, passed, rules, ended, "both", 2.0, 1.0, 1.0).tolist() == pytest.approx([2.3, -0.2])
 
 
 def test_the_reward_model_reads_the_last_token_of_prompt_plus_response():
@@ -125,9 +132,9 @@ def test_rollout_layout_logprobs_match_sampling_at_the_same_temperature():
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
     x, targets, mask = pack_rollouts(prompts, responses, 0, torch.device("cpu"))
     with torch.no_grad():
-        lp, _ = policy_logprobs(model, x, targets, 0.7)
+        lp, _ = policy_logprobs(model, x, targets, mask, 0.7)
     for i, p in enumerate(prompts):  # the update scores exactly what the rollout sampled
         torch.testing.assert_close(lp[i][mask[i].bool()], sampled_lp[i, :lengths[i]], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(lp, policy_logprobs(model, x, targets, 1.0)[0])  # the temperature matters
+    assert not torch.allclose(lp, policy_logprobs(model, x, targets, mask, 1.0)[0])  # the temperature matters
     with torch.enable_grad():  # and the forward with autograd on gives the very same numbers
-        assert torch.equal(policy_logprobs(model, x, targets, 0.7)[0].detach(), lp)
+        assert torch.equal(policy_logprobs(model, x, targets, mask, 0.7)[0].detach(), lp)

@@ -82,3 +82,14 @@ def test_ppo_raises_a_programmatic_reward(world, tmp_path):
                   "--ppo_epochs", "4", "--lr", "1e-2", "--beta", "0.0", "--rule_coef", "0", "--missing_end_penalty", "0")
     first, last = sum(r["rm_score"] for r in log[:4]) / 4, sum(r["rm_score"] for r in log[-4:]) / 4
     assert last > first + 2.0, [round(r["rm_score"], 3) for r in log]
+
+
+@pytest.mark.parametrize("variant", [["--reward", "tests"], ["--reward", "both"],
+                                     ["--reward", "tests", "--advantage", "grpo", "--group_size", "4"]])
+def test_every_reward_source_and_advantage_runs_the_same_loop(world, tmp_path, variant):
+    log = run_ppo(world, tmp_path / "run", "--iterations", "2", "--eval_samples", "2", *variant)
+    assert len(log) == 2 and log[0]["first_ratio_dev"] == 0.0 and log[0]["kl"] == 0.0
+    assert 0.0 <= log[0]["pass_rate"] <= 1.0 and ("explained_var" in log[0]) == ("grpo" not in variant)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["reward"] == variant[1] and summary["advantage"] == ("grpo" if "grpo" in variant else "gae")
+    assert len(summary["labeler_wins"]) == len(summary["sampled"]["passed"]) == 4 * 2

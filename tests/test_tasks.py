@@ -11,7 +11,8 @@ import pytest
 
 import tasks
 from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, check_rules, demonstrate,
-                   execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp,
+                   execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp, prompt_pool,
+                   prompt_set,
                    labeler_agreement, labeler_rank, make_tasks, pass_at_k, probe_rules, utility)
 
 
@@ -61,12 +62,19 @@ def test_each_flaw_is_detected():
         assert utility(True, check_rules(flawed), flawed) < utility(True, check_rules(clean), clean)
 
 
-def test_heldout_comp_combinations_never_appear_in_train():
+def test_heldout_combinations_never_appear_in_train_and_dev_never_in_test():
     train = {t.ops for t in make_tasks('train', 3000, seed=6)}
-    held = {t.ops for t in make_tasks('heldout_comp', 300, seed=6)}
-    assert not train & held
-    assert all(is_heldout_comp(ops) for ops in held) and not any(is_heldout_comp(ops) for ops in train)
+    dev, test = ({t.ops for t in make_tasks(split, 300, seed=6)} for split in ('dev', 'test'))
+    assert not train & dev and not train & test and not dev & test
+    assert all(is_heldout_comp(ops) for ops in dev | test) and not any(is_heldout_comp(ops) for ops in train)
     assert {op for ops in train for op in ops} == set(OPS)  # new combinations, not new ops
+
+
+def test_prompt_pools_keep_rl_and_unseen_prompts_out_of_sft():
+    sets = {name: {t.prompt for t in prompt_set(name, 400, 1)} for name in ('sft_train', 'ppo_train', 'unseen_train')}
+    assert not sets['sft_train'] & sets['ppo_train'] and not sets['sft_train'] & sets['unseen_train']
+    assert not sets['ppo_train'] & sets['unseen_train']
+    assert {prompt_pool(p) for p in sets['ppo_train']} == {'rl'}
 
 
 def test_heldout_phrase_phrasings_never_appear_in_train():
@@ -86,10 +94,10 @@ def test_deterministic_across_processes():
     t = make_tasks('train', 1, 0)[0]
     assert demonstrate(t, random.Random(5), 0.5) == demonstrate(t, random.Random(5), 0.5)
     # another interpreter, another string-hash salt: the same tasks
-    code = "import hashlib, tasks; print(hashlib.md5(repr(tasks.make_tasks('heldout_comp', 50, 3)).encode()).hexdigest())"
+    code = "import hashlib, tasks; print(hashlib.md5(repr(tasks.make_tasks('test', 50, 3)).encode()).hexdigest())"
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                          cwd=tasks.__file__.rsplit('/', 1)[0], env={'PYTHONHASHSEED': '123'}).stdout.strip()
-    assert out == hashlib.md5(repr(make_tasks('heldout_comp', 50, 3)).encode()).hexdigest()
+    assert out == hashlib.md5(repr(make_tasks('test', 50, 3)).encode()).hexdigest()
 
 
 @pytest.mark.parametrize('code, violated', [
