@@ -32,8 +32,9 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from common import HelpFormatter, setup_device, write_json
-from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_conversation, load_tokenizer
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from data import (CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_conversation, load_tokenizer,
+                  segments)
+from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
 from tasks import PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt, gold_eval_many, prompt_set
 from tools import ToolRunner, load_index
 
@@ -43,8 +44,6 @@ N_SHOTS, FEW_SHOT_NEW = 2, 80  # a pretrained model on a task: sft.py's --n_shot
 TASK_LIMIT = 500  # tasks of each prompt set that /task and --task can name
 HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compositions, what the report measures
 MAX_BODY, MAX_REQUEST, SERVE_MAX_TOKENS = 64 * 2**10, 4000, 256  # the server's limits: body bytes, request chars
-TOOL_SEGMENT = re.compile(f"{re.escape(CALL)}(.*?){re.escape(CALL_END)}|"
-                          f"{re.escape(RESULT)}(.*?){re.escape(RESULT_END)}", re.S)
 COLORS = {CALL: "\033[36m" + CALL, CALL_END: CALL_END + "\033[0m", RESULT: "\033[33m" + RESULT,
           RESULT_END: RESULT_END + "\033[0m"}  # tool calls and results, set apart on a terminal
 
@@ -104,9 +103,15 @@ def load_models(paths, enc, device):
 
 
 def load_scorers(reward_dir, enc, device):
-    rm, rules = (load_checkpoint(os.path.join(reward_dir, f"{s}.pt"), [s], enc, device) for s in ("reward", "rules"))
+    """The reward model and, when the folder has one, the rule model (reward.py --pairs trains none)."""
+    rm = load_checkpoint(os.path.join(reward_dir, "reward.pt"), ["reward"], enc, device)
+    rules_path = os.path.join(reward_dir, "rules.pt")
+    rules = load_checkpoint(rules_path, ["rules"], enc, device) if os.path.exists(rules_path) else None
+    if rules is None:
+        print(f"no rule model in {reward_dir} (no rules.pt): answers get the reward model's score alone", file=sys.stderr)
     return SimpleNamespace(reward=model_from_checkpoint(rm, device).eval(), lock=threading.Lock(), dir=reward_dir,
-                           rules=model_from_checkpoint(rules, device).eval(), names=rules.get("rules", list(RULES)))
+                           rules=rules and model_from_checkpoint(rules, device).eval(),
+                           names=rules.get("rules", list(RULES)) if rules else [])
 
 
 class LazyTools:
@@ -127,16 +132,6 @@ class LazyTools:
 # the conversation, generation and the notes
 
 
-def segments(answer):
-    """An answer's text back into encode_response's segments: its tool calls and results become tokens again."""
-    parts, out = TOOL_SEGMENT.split(answer), []  # text, call or None, result or None, text, ...
-    for i in range(0, len(parts), 3):
-        out += [("text", parts[i])] if parts[i] else []
-        if i + 1 < len(parts):
-            out.append(("call", parts[i + 1]) if parts[i + 1] is not None else ("result", parts[i + 2]))
-    return out
-
-
 def fit_conversation(enc, history, request, block_size, max_new):
     """The conversation's tokens, open after <|assistant|>, and how many of its oldest turns were dropped so
     that it and max_new tokens fit the block. Whole turns go from the front, so it still starts <|endoftext|>
@@ -155,8 +150,8 @@ def annotate(ctx, results, sequences, task):
     if ctx.scorers:
         sc, seqs = ctx.scorers, [s[-ctx.scorers.reward.config.block_size:] for s in sequences]
         with sc.lock:
-            rewards = sc.reward.last_token_scores(seqs, ctx.eot)[:, 0].tolist()
-            probs = torch.sigmoid(sc.rules.last_token_scores(seqs, ctx.eot)).tolist()
+            rewards = last_token_scores(sc.reward, seqs, ctx.eot)[:, 0].tolist()
+            probs = torch.sigmoid(last_token_scores(sc.rules, seqs, ctx.eot)).tolist() if sc.rules else [[]] * len(seqs)
         for r, score, p in zip(results, rewards, probs):
             r.update(reward=round(score, 4), rules={name: round(q, 4) for name, q in zip(sc.names, p)})
     if task is not None:  # the hidden tests in the sandbox, the rule checker, the noiseless utility
@@ -215,7 +210,8 @@ def best_of(ctx, m, request, history, task, s, generator, emit):
                                   ended=t[-1] == ctx.end, text=ctx.enc.decode(t[:-1] if t[-1] == ctx.end else t))
                              for t in samples],
                        [prompt + t for t in samples], None)
-    pick = best_of_n([[r["reward"] for r in results]], [[list(r["rules"].values()) for r in results]], n)[0]
+    rule_probs = [[*r["rules"].values(), 0.0] for r in results]  # 0.0: without a rule model, nothing is flagged
+    pick = best_of_n([[r["reward"] for r in results]], rule_probs, n)[0]
     r = annotate(ctx, [dict(results[pick], picked=pick)], [prompt + samples[pick]], task)[0]
     emit(dict(model=r["model"], done=r))
     return r
@@ -250,8 +246,8 @@ def printer(ctx, stats):
         text = re.sub("|".join(map(re.escape, COLORS)), lambda x: COLORS[x[0]], text) if tty else text
         print(text, end="", flush=True)
         if d := e.get("done"):
-            out = [f"reward {d['reward']:+.3f}", "rules " + " ".join(f"{k} {v:.2f}" for k, v in d["rules"].items())
-                   ] if "reward" in d else []
+            out = [f"reward {d['reward']:+.3f}"] if "reward" in d else []
+            out += ["rules " + " ".join(f"{k} {v:.2f}" for k, v in d["rules"].items())] if d.get("rules") else []
             out += [f"gold {d['gold']['result']}, utility {d['gold']['utility']:.3f}"] if "gold" in d else []
             out += [f"picked sample {d['picked']}"] if "picked" in d else []
             out += [f"context {d['context_tokens']} tokens | {d['tokens']} new | first token {d['ttft_s'] * 1e3:.0f} "

@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -79,6 +80,29 @@ def setup_device(name="auto"):
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return device, autocast
+
+
+def setup_distributed(device_name="auto"):
+    """Under torchrun (it sets RANK, LOCAL_RANK and WORLD_SIZE): join the process group, NCCL on
+    CUDA and gloo on CPU, and return (rank, world size, this rank's device name). Run plainly:
+    (0, 1, device_name), and nothing else changes."""
+    if "RANK" not in os.environ:
+        return 0, 1, device_name
+    cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device_name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device_name)
+    return dist.get_rank(), dist.get_world_size(), "cpu" if not cuda and device_name == "auto" else device_name
+
+
+def any_rank(flag, world, device):
+    """True on every rank when it is True on any (Ctrl-C on one rank stops them all at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)  # NCCL reduces CUDA tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def synchronize(device):

@@ -260,12 +260,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, positions=None, mask=None, kv_cache=None, trained_only=False):
         """Logits (B, T, vocab) and, given targets (B, T) with -1 where nothing is predicted, the mean
-        cross-entropy over the rest. trained_only: send only the positions with a target through the
-        output head and return their logits, (N, vocab) in row-major order. The head is about 40% of
-        this model's FLOPs and SFT and PPO train on about half the positions (the answer), so this
-        saves a fifth of their compute; the shape depends on the data, so compiled pretraining,
-        where every position has a target, does not use it."""
+        cross-entropy over the rest. A model with a scalar head (reward, rule, value) returns its
+        scores instead: (B, T, n_scores) in fp32, and no loss. trained_only: send only the positions
+        with a target through the output head and return their logits, (N, vocab) in row-major order.
+        The head is about 40% of this model's FLOPs and SFT and PPO train on about half the positions
+        (the answer), so this saves a fifth of their compute; the shape depends on the data, so
+        compiled pretraining, where every position has a target, does not use it."""
         h = self.trunk(idx, positions, mask, kv_cache)  # (B, T, C)
+        if self.score_head is not None:
+            return self.score_head(h).float(), None
         if trained_only:
             keep = targets >= 0
             h, targets = h[keep], targets[keep]  # (N, C), (N,)
@@ -274,23 +277,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def scores(self, idx):
-        """The scalar head at every position, (B, T, n_scores), in fp32."""
-        if self.score_head is None:
-            raise ValueError("this model has no scalar head (n_scores=0): it is a language model")
-        return self.score_head(self.trunk(idx)).float()
-
-    def last_token_scores(self, sequences, pad_id):
-        """The scalar head at each sequence's last token, (N, n_scores): where a reward model reads
-        its verdict on a whole response (InstructGPT: the final token's output). Sequences are
-        token lists of any lengths, right-padded here; causal attention keeps the padding out."""
-        device = self.lm_head.weight.device
-        x = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
-        for i, s in enumerate(sequences):
-            x[i, :len(s)] = torch.tensor(s)
-        last = torch.tensor([len(s) - 1 for s in sequences], device=device)
-        return self.scores(x.to(device))[torch.arange(len(sequences), device=device), last]
 
     @torch.no_grad()
     def generate_stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -383,6 +369,19 @@ class GPT(nn.Module):
 
 
 Generation = namedtuple("Generation", "tokens logprobs lengths forced")
+
+
+def last_token_scores(model, sequences, pad_id):
+    """A scored model's head at each sequence's last token, (N, n_scores): where a reward model reads
+    its verdict on a whole response (InstructGPT: the final token's output). Sequences are token
+    lists of any lengths, right-padded here; causal attention keeps the padding out. model is a GPT
+    with a scalar head, or the DistributedDataParallel wrapper around one (its forward syncs grads)."""
+    device = next(model.parameters()).device
+    x = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        x[i, :len(s)] = torch.tensor(s)
+    last = torch.tensor([len(s) - 1 for s in sequences], device=device)
+    return model(x.to(device))[0][torch.arange(len(sequences), device=device), last]
 
 
 def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=None):

@@ -26,6 +26,8 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
     python ppo.py --ptx_coef 1 --out_dir out/ppo_ptx                  # PPO-ptx
     python ppo.py --reward tests --advantage grpo --group_size 4 --out_dir out/grpo_tests
     python ppo.py --preset gpu --sft out_gpu/sft/ckpt.pt --reward_dir out_gpu/reward --out_dir out_gpu/ppo
+    python ppo.py --prompts examples/prompts.jsonl --sft out/sft_mine/ckpt.pt --reward_dir out/reward_mine \
+        --out_dir out/ppo_mine                                        # your own prompts (data.read_prompts)
 
 Honest simplifications: few iterations (a CPU budget; InstructGPT ran 256k episodes); the KL in the
 reward uses the sampled log-ratio (k1), the usual estimator, and GRPO's in the loss the k3 one; the
@@ -45,9 +47,10 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
                     positive_float, positive_int, setup_device, trim_log, write_json)
-from data import EOT, END, encode_chat, get_batch, load_tokenizer, load_tokens
-from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import compare, evaluate_policy, gold_eval_many, prompt_set
+from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
+                  read_prompts, split_held_out)
+from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
+from tasks import compare, evaluate_policy, gold_eval_many, prompt_set, sample_responses
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
@@ -111,7 +114,7 @@ def policy_logprobs(model, x, targets, mask, temperature):
 def token_values(value_model, x):
     """The value of each state (B, T): index t is the state after token t, the one whose action is
     targets[:, t], so the value model reads the same position the policy's logits come from."""
-    return value_model.scores(x)[..., 0]
+    return value_model(x)[0][..., 0]  # a scored model's forward: (B, T, 1) scores
 
 
 @torch.no_grad()
@@ -121,8 +124,9 @@ def score_responses(reward_model, rule_model, sequences, pad_id):
     rm, rules = [], []
     for start in range(0, len(sequences), SCORE_BATCH):
         chunk = sequences[start:start + SCORE_BATCH]
-        rm.append(reward_model.last_token_scores(chunk, pad_id)[:, 0])
-        rules.append(torch.sigmoid(rule_model.last_token_scores(chunk, pad_id)))
+        rm.append(last_token_scores(reward_model, chunk, pad_id)[:, 0])
+        rules.append(torch.sigmoid(last_token_scores(rule_model, chunk, pad_id)) if rule_model is not None
+                     else torch.zeros(len(chunk), 0, device=rm[-1].device))  # no rule model: no rules to break
     return torch.cat(rm), torch.cat(rules)
 
 
@@ -266,7 +270,10 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
     parser.add_argument("--sft", default="out/sft/ckpt.pt", help="SFT checkpoint: the policy's start and the "
                         "reference; its folder's samples_<eval_set>.json are the SFT samples compared against")
-    parser.add_argument("--reward_dir", default="out/reward", help="folder with reward.pt and rules.pt")
+    parser.add_argument("--reward_dir", default="out/reward", help="folder with reward.pt and rules.pt (without "
+                        "rules.pt, e.g. from reward.py --pairs, the rule term is off)")
+    parser.add_argument("--prompts", default=None, help="your own RL prompts instead of the world's: JSON Lines of "
+                        "{prompt} (data.read_prompts); every 20th is held out for the evaluation")
     parser.add_argument("--generic_data", default="out/data/generic", help="generic token files, for ptx and eval")
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/ppo", help="checkpoint, log and summary go here")
@@ -321,6 +328,8 @@ if __name__ == "__main__":
     if args.rollout_batch % args.group_size or args.rollout_batch % args.minibatch:
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --group_size {args.group_size} "
                      f"and of --minibatch {args.minibatch}")
+    if args.prompts and args.reward != "rm":
+        parser.error(f"--reward {args.reward} needs the world's hidden tests; your --prompts have none: use --reward rm")
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -334,14 +343,30 @@ if __name__ == "__main__":
     enc = load_tokenizer(args.tokenizer)
     pad_id, end_id = enc.encode_single_token(EOT), enc.encode_single_token(END)
     prompts_per_iteration = args.rollout_batch // args.group_size
-    prompt_pool = prompt_set("ppo_train", args.iterations * prompts_per_iteration, args.seed)
+    n_pool = args.iterations * prompts_per_iteration
+    if args.prompts:  # yours, encoded: those that fit with a whole response, every 20th held out, the rest
+        block_size = load_checkpoint(args.sft, ["sft"], enc)["model_args"]["block_size"]  # in a new order each pass
+        encoded = [encode_conversation(enc, turns)[0] for turns in read_prompts(args.prompts)]
+        train_prompts, eval_prompts = split_held_out(fit_block(
+            encoded, [len(p) + args.max_new_tokens for p in encoded], block_size, args.prompts))
+        n_skipped, n = len(encoded) - len(train_prompts) - len(eval_prompts), len(train_prompts)
+        passes = -(-n_pool // n)  # enough passes over them for every iteration
+        prompt_pool = [train_prompts[i] for e in range(passes) for i in random.Random(args.seed + e).sample(range(n), n)]
+        prompt_pool = prompt_pool[:n_pool]
+        print(f"data: {len(train_prompts)} of your prompts from {args.prompts} ({n_pool / len(train_prompts):.1f} "
+              f"passes), {len(eval_prompts)} held out, {n_skipped} skipped; no hidden tests: the reward model alone")
+    else:
+        prompt_pool = prompt_set("ppo_train", n_pool, args.seed)
     generic_train, generic_val = load_tokens(args.generic_data, "train", enc), load_tokens(args.generic_data, "val", enc)
 
     # -----------------------------------------------------------------------------
     # models: all with dropout off (it would make old and new log-probs disagree)
     sft_ckpt = load_checkpoint(args.sft, ["sft"], enc, device)
     reward_ckpt = load_checkpoint(os.path.join(args.reward_dir, "reward.pt"), ["reward"], enc, device)
-    rules_ckpt = load_checkpoint(os.path.join(args.reward_dir, "rules.pt"), ["rules"], enc, device)
+    rules_path = os.path.join(args.reward_dir, "rules.pt")
+    rules_ckpt = load_checkpoint(rules_path, ["rules"], enc, device) if os.path.exists(rules_path) else None
+    if rules_ckpt is None:  # reward.py --pairs trains none: preference pairs carry no rule labels
+        print(f"no rule model in {args.reward_dir} (no rules.pt): the rule term is off")
     # a finished checkpoint resumes at its last iteration: the loop ends at once and the evaluation runs
     resume = load_checkpoint(ckpt_path, ["ppo"], enc, device) if os.path.exists(ckpt_path) else None
     policy = model_from_checkpoint(resume or sft_ckpt, device, dropout=0.0)
@@ -352,7 +377,7 @@ if __name__ == "__main__":
         if resume is not None:
             value_model.load_state_dict(resume["value_model"])
     reward_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0).requires_grad_(False)
-    rule_model = model_from_checkpoint(rules_ckpt, device, dropout=0.0).requires_grad_(False)
+    rule_model = rules_ckpt and model_from_checkpoint(rules_ckpt, device, dropout=0.0).requires_grad_(False)
     for m in (policy, reference, value_model, reward_model, rule_model):
         if m is not None:
             m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
@@ -427,7 +452,7 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         tasks = [t for t in prompt_pool[it * prompts_per_iteration:(it + 1) * prompts_per_iteration]
                  for _ in range(args.group_size)]  # each prompt group_size times, side by side
-        prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
+        prompts = tasks if args.prompts else [encode_chat(enc, t.prompt)[0] for t in tasks]  # yours come encoded
         with torch.no_grad(), autocast:
             gen = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
                                   generator=sample_rng)
@@ -454,7 +479,10 @@ if __name__ == "__main__":
             with autocast:
                 rm_score, rule_probs = score_responses(reward_model, rule_model,
                                                        [p + r for p, r in zip(prompts, responses)], pad_id)
-        passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
+        if args.prompts:  # yours have no hidden tests to run
+            passed, evals = torch.zeros(B), None
+        else:
+            passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
         score = sequence_score(rm_score, passed.to(device), rule_probs, ended, args.reward, args.test_coef,
                                args.rule_coef, args.missing_end_penalty)
         log_ratio = (old_logprobs - ref_logprobs) * mask
@@ -495,7 +523,8 @@ if __name__ == "__main__":
         # ---------------- LOGGING ----------------
         kl = log_ratio.sum(1).mean().item()  # nats per response, KL(policy || SFT) on this batch
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
-                   pass_rate=passed.mean().item(), utility=fmean(e["utility"] for e in evals),
+                   **({} if evals is None else dict(pass_rate=passed.mean().item(),
+                                                    utility=fmean(e["utility"] for e in evals))),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
                    response_len=mask.sum(1).mean().item(), first_ratio_dev=stats[0]["ratio_dev"],
                    **{k: fmean(s[k] for s in stats) for k in stats[0] if k != "ratio_dev"},
@@ -505,10 +534,43 @@ if __name__ == "__main__":
             row["explained_var"] = (1 - torch.var(flat_returns - flat_values) / torch.var(flat_returns).clamp(min=1e-8)).item()
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "
-                   f"pass {row['pass_rate']:.2f} | kl {kl:6.3f} | beta {beta:.3f} | ent {row['entropy']:.3f} | "
+                   + ("" if evals is None else f"pass {row['pass_rate']:.2f} | ") +
+                   f"kl {kl:6.3f} | beta {beta:.3f} | ent {row['entropy']:.3f} | "
                    f"clip {row['clip_frac']:.3f} | len {row['response_len']:5.1f} | {(t3 - t0):5.1f} s")
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl, args.kl_target, B, args.kl_horizon)
+
+    # -----------------------------------------------------------------------------
+    # the final summary on your own prompts: no hidden tests and no labelers, so no gold judge and no win rate;
+    # on held-out prompts, the reward model's score (the SFT model's samples scored beside), the KL, the length
+    if args.prompts:
+        prompts, n, t0 = eval_prompts[:args.n_eval], args.eval_samples, time.time()
+        jobs = [p for p in prompts for _ in range(n)]
+        with autocast:
+            ours, theirs = (sample_responses(m, enc, prompts, n, args.temperature, args.max_new_tokens,
+                                             torch.Generator().manual_seed(args.seed)) for m in (policy, reference))
+            rm_ours, rm_sft = (score_responses(reward_model, rule_model, [p + s["tokens"] for p, s in zip(jobs, ss)],
+                                               pad_id)[0].tolist() for ss in (ours, theirs))
+            kls = kl_per_response(jobs, ours)
+        unavailable = {"gold judge (pass@1, utility, violations, hack rate)": "your prompts have no hidden tests",
+                       "win rate vs SFT": "no simulated labeler knows your preference (the RM's score of SFT's "
+                       "samples stands beside)", **({} if rule_model else {"rule term": "no rules.pt in --reward_dir"})}
+        summary = dict(prompts=args.prompts, n_eval=len(prompts), eval_samples=n, rm_score=rm_ours, rm_score_sft=rm_sft,
+                       kl=kls, response_len=[len(s["tokens"]) for s in ours],
+                       response_len_sft=[len(s["tokens"]) for s in theirs], ended=[s["ended"] for s in ours],
+                       generic_val_losses_before=generic_before, generic_val_losses_after=generic_val_losses(policy),
+                       rule_model=rule_model is not None, advantage=args.advantage, ptx_coef=args.ptx_coef,
+                       beta=args.beta, kl_target=args.kl_target, seconds=t_phase, train_seconds=sum(t_phase.values()),
+                       eval_seconds=time.time() - t0, iterations=args.iterations,
+                       episodes=args.iterations * args.rollout_batch, n_skipped=n_skipped,
+                       examples=[s["text"] for s in ours[:n * 3:n]], unavailable=unavailable)
+        write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        print(f"held-out prompts ({len(prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
+              f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length {fmean(summary['response_len']):.1f} "
+              f"tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic val loss {fmean(generic_before):.4f} -> "
+              f"{fmean(summary['generic_val_losses_after']):.4f}\nnot available: "
+              + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "\nexample:\n" + summary["examples"][0])
+        raise SystemExit(0)
 
     # -----------------------------------------------------------------------------
     # the final summary: the gold judge on held-out prompts, against the SFT model's samples

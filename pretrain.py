@@ -14,14 +14,16 @@ Ctrl-C saves at the end of the current step; the same command resumes from out_d
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float,
-                    nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device, synchronize,
-                    trim_log, write_json)
+from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
+                    nonneg_float, nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device,
+                    setup_distributed, synchronize, trim_log, write_json)
 from data import get_batch, load_tokenizer, load_tokens
 from model import ATTENTION_PATHS, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -81,8 +83,13 @@ if __name__ == "__main__":
     args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
-    # device, dtype
-    device, autocast = setup_device(args.device)
+    # device, dtype, and under torchrun the ranks (DistributedDataParallel): rank 0 alone prints, logs,
+    # evaluates and saves; every rank draws the same batches and trains on its share of them
+    rank, world, device_name = setup_distributed(args.device)
+    master = rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
+    device, autocast = setup_device(device_name)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
@@ -96,8 +103,12 @@ if __name__ == "__main__":
         raise ValueError(f"--total_batch_tokens {args.total_batch_tokens} must be a multiple of batch_size * "
                          f"block_size = {tokens_per_micro} (gradient accumulation takes whole micro-steps)")
     grad_accum_steps = args.total_batch_tokens // tokens_per_micro
+    if grad_accum_steps % world:
+        raise ValueError(f"{grad_accum_steps} micro-steps per step do not divide among {world} ranks: change "
+                         f"--total_batch_tokens or --batch_size")
     print(f"data: {len(train_data):,} train / {len(val_data):,} val tokens | {grad_accum_steps} micro-steps "
-          f"of {tokens_per_micro:,} tokens per step")
+          f"of {tokens_per_micro:,} tokens per step" + (f", {grad_accum_steps // world} on each of {world} ranks"
+                                                         if world > 1 else ""))
 
     # -----------------------------------------------------------------------------
     # model: resume this run, continue from another checkpoint, or start from scratch
@@ -126,9 +137,11 @@ if __name__ == "__main__":
     if model.config.block_size < args.block_size:
         raise ValueError(f"block_size {args.block_size} exceeds the model's {model.config.block_size}")
     print(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding: without wpe)")
-    raw_model = model  # checkpoints save this one, never the compiled wrapper
+    raw_model = model  # checkpoints save this one, never the compiled or distributed wrapper
     if use_compile:
         model = torch.compile(model)
+    if world > 1:  # averages the gradients of all ranks in backward (no buffers to broadcast)
+        model = DistributedDataParallel(model, broadcast_buffers=False)
 
     # -----------------------------------------------------------------------------
     # optimizer
@@ -165,20 +178,21 @@ if __name__ == "__main__":
           f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
     stop = StopFlag()
     progress = tqdm(range(start_step, args.max_steps + 1), initial=start_step, total=args.max_steps + 1,
-                    desc=os.path.basename(args.out_dir), dynamic_ncols=True)
+                    desc=os.path.basename(args.out_dir), dynamic_ncols=True, disable=not master)
     val, step_times = None, []
     for step in progress:
         last_step = step == args.max_steps
-        if stop.stop:
-            save(step, finished=False)
+        if any_rank(stop.stop, world, device):
+            if master:
+                save(step, finished=False)
             print(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
-        if step % args.eval_interval == 0 or last_step:
+        if master and (step % args.eval_interval == 0 or last_step):
             val_batches = val_losses()
             val = sum(val_batches) / len(val_batches)
             log_metrics(log_path, step=step, val_loss=val)
             tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f}")
-        if last_step or (step > start_step and step % args.save_interval == 0):
+        if master and (last_step or (step > start_step and step % args.save_interval == 0)):
             save(step, finished=last_step)
         if last_step:
             break
@@ -187,9 +201,13 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         for micro_step in range(grad_accum_steps):
             x, y = get_batch(train_data, args.batch_size, args.block_size, batch_rng, device)
+            if micro_step % world != rank:
+                continue  # every rank draws every micro-batch (one stream of data), and trains on its share
+            # the ranks' gradients are averaged once, on each rank's last micro-step (nanoGPT)
+            model.require_backward_grad_sync = micro_step >= grad_accum_steps - world
             with autocast:
                 _, loss = model(x, y)
-            (loss / grad_accum_steps).backward()  # the mean over the whole step's tokens
+            (loss / (grad_accum_steps // world)).backward()  # the mean over the step's tokens, after DDP's average
         lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
         norm = clip_and_step(raw_model, optimizer, lr, args.grad_clip)
         synchronize(device)
@@ -198,8 +216,8 @@ if __name__ == "__main__":
         if step > start_step:  # the first step after a (re)start pays for warm-up and compilation
             step_times.append(dt)
         tok_per_s = args.total_batch_tokens / dt
-        mfu = flops_per_step / dt / peak
-        if step % args.log_interval == 0:
+        mfu = flops_per_step / dt / (peak * world)  # each rank's device has its own peak
+        if master and step % args.log_interval == 0:
             loss_value = loss.item()
             log_metrics(log_path, step=step, loss=loss_value, lr=lr, grad_norm=norm.item(), ms=dt * 1000,
                         tok_per_s=tok_per_s, mfu=mfu)
@@ -208,12 +226,16 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # summary
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not master:
+        raise SystemExit(0)
     median = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
     summary = dict(val_loss=val, val_losses=val_batches, steps=args.max_steps, tokens=args.max_steps * args.total_batch_tokens,
                    params=raw_model.num_params(), tok_per_s=args.total_batch_tokens / median,
-                   mfu=flops_per_step / median / peak, peak_flops=peak, peak_source=peak_source, train_seconds=elapsed,
-                   device=torch.cuda.get_device_name() if device.type == "cuda" else device.type,
-                   init_from=args.init_from)
+                   mfu=flops_per_step / median / (peak * world), peak_flops=peak, peak_source=peak_source,
+                   train_seconds=elapsed, ranks=world, init_from=args.init_from,
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else device.type)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"done: val loss {val:.4f} | {summary['tok_per_s']:,.0f} tok/s | mfu {summary['mfu'] * 100:.1f}% | "
           f"{elapsed / 60:.1f} min training")

@@ -23,6 +23,7 @@ Stage 4: reward models from simulated human judgments, and best-of-n reranking.
 
     python reward.py                   # cpu preset, from out/sft/ckpt.pt
     python reward.py --preset gpu --sft out_gpu/sft/ckpt.pt --out_dir out_gpu/reward
+    python reward.py --pairs examples/pairs.jsonl --sft out/sft_mine/ckpt.pt --out_dir out/reward_mine  # your pairs
 
 The comparisons are cached in out_dir/comparisons.json, so a rerun trains again without sampling
 and labelling again. Both models train in one short loop; an interrupted run restarts the loop.
@@ -32,17 +33,19 @@ import itertools
 import json
 import os
 import random
+import sys
 import time
 from statistics import fmean
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (HelpFormatter, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
-                    positive_float, positive_int, setup_device, write_json)
-from data import EOT, encode_chat, load_tokenizer
-from model import load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
+                    positive_float, positive_int, setup_device, setup_distributed, write_json)
+from data import EOT, encode_chat, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
+from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
 from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
                    prompt_set, sample_responses)
 
@@ -91,7 +94,7 @@ def pair_outcomes(scores, records, key):
     out = []
     for p, (s, r) in enumerate(zip(scores, records)):
         for i, j in itertools.combinations(range(len(s)), 2):
-            if r["utilities"][i] == r["utilities"][j]:
+            if "utilities" in r and r["utilities"][i] == r["utilities"][j]:  # (your own pairs have none)
                 continue  # a tie: the labeler's order is a coin flip, the gold has none
             if key == "ranking":
                 better = r["ranking"].index(i) < r["ranking"].index(j)
@@ -114,7 +117,7 @@ def normalize_reward(reward_model, sequences, pad_id, autocast):
     scores = []
     for start in range(0, len(sequences), SCORE_BATCH):
         with autocast:
-            scores += reward_model.last_token_scores(sequences[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
+            scores += last_token_scores(reward_model, sequences[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
     offset = fmean(scores)
     reward_model.score_head.bias -= offset
     return offset
@@ -129,12 +132,15 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/reward", help="models, comparisons, log and summary go here")
     # data
+    parser.add_argument("--pairs", default=None, help="your own preference pairs instead of the world's comparisons: "
+                        "JSON Lines of {prompt, chosen, rejected} (data.read_pairs); no rule labels, so no rule model")
     parser.add_argument("--n_prompts", type=positive_int, help="training prompts to sample and label")
     parser.add_argument("--k", type=positive_int, default=4, help="responses per prompt, ranked together "
                         "(InstructGPT: 4-9)")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest sampled response")
     parser.add_argument("--prober_noise", type=fraction, default=0.05, help="chance a prober flips a rule label")
-    parser.add_argument("--val_share", type=fraction, default=0.1, help="share of prompts held out for accuracy")
+    parser.add_argument("--val_share", type=fraction, default=0.1, help="share of prompts held out for accuracy "
+                        "(--pairs: every round(1 / share)-th pair)")
     # optimization
     parser.add_argument("--epochs", type=positive_int, default=1, help="passes over the comparisons (InstructGPT: "
                         "1; a second overfits)")
@@ -156,8 +162,15 @@ if __name__ == "__main__":
                      f"with the one before")
 
     # -----------------------------------------------------------------------------
-    # device, dtype
-    device, autocast = setup_device(args.device)
+    # device, dtype, and under torchrun the ranks: rank 0 alone samples the comparisons, prints, logs,
+    # evaluates and saves; every rank trains on its share of each step's prompts
+    rank, world, device_name = setup_distributed(args.device)
+    master = rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
+    device, autocast = setup_device(device_name)
+    if args.prompts_per_step % world:
+        raise ValueError(f"--prompts_per_step {args.prompts_per_step} does not divide among {world} ranks")
     os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     torch.manual_seed(args.seed)
@@ -167,51 +180,63 @@ if __name__ == "__main__":
     enc = load_tokenizer(args.tokenizer)
     pad_id = enc.encode_single_token(EOT)
     sft_ckpt = load_checkpoint(args.sft, ["sft"], enc, device)
-    policy = model_from_checkpoint(sft_ckpt, device)
-    cache = os.path.join(args.out_dir, "comparisons.json")
-    if os.path.exists(cache):
-        with open(cache) as f:
-            records, data_seconds = json.load(f), None
-        print(f"loaded {len(records)} prompts of comparisons from {cache}")
+    if args.pairs:  # yours: a record per pair, K = 2 with the chosen first; those that fit, some held out
+        pairs = [[encode_conversation(enc, c)[0] for c in pair] for pair in read_pairs(args.pairs)]
+        records = [dict(sequences=p, ranking=[0, 1]) for p in fit_block(
+            pairs, [max(map(len, p)) for p in pairs], sft_ckpt["model_args"]["block_size"], args.pairs)]
+        train_records, val_records = split_held_out(records, max(2, round(1 / args.val_share)) if args.val_share
+                                                    else len(records))
+        n_skipped, agreement, data_seconds, args.k = len(pairs) - len(records), None, None, 2
+        print(f"data: {len(train_records)} train / {len(val_records)} held-out pairs of yours from {args.pairs} "
+              f"({n_skipped} skipped); they carry no rule labels: the rule model is not trained")
     else:
-        t0 = time.time()
-        with autocast:
-            records = build_comparisons(policy, enc, prompt_set("reward_train", args.n_prompts, args.seed), args.k,
-                                        args.seed + SAMPLE_SEED, args.seed + LABELER_SEED, args.prober_noise,
-                                        args.max_new_tokens)
-        data_seconds = time.time() - t0
-        write_json(cache, records)
-    n_val = max(1, int(len(records) * args.val_share))
-    train_records, val_records = records[n_val:], records[:n_val]
-    agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
-    print(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
-          f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
-          f"utility on {agreement:.1%} of non-tied pairs")
+        policy = model_from_checkpoint(sft_ckpt, device)
+        cache, data_seconds = os.path.join(args.out_dir, "comparisons.json"), None
+        if master and not os.path.exists(cache):
+            t0 = time.time()
+            with autocast:
+                records = build_comparisons(policy, enc, prompt_set("reward_train", args.n_prompts, args.seed),
+                                            args.k, args.seed + SAMPLE_SEED, args.seed + LABELER_SEED,
+                                            args.prober_noise, args.max_new_tokens)
+            data_seconds = time.time() - t0
+            write_json(cache, records)
+        if world > 1:
+            torch.distributed.barrier()  # the other ranks wait for rank 0's comparisons
+        with open(cache) as f:
+            records = json.load(f)
+        print(f"{len(records)} prompts of comparisons in {cache}" + ("" if data_seconds else " (from an earlier run)"))
+        n_val = max(1, int(len(records) * args.val_share))
+        train_records, val_records = records[n_val:], records[:n_val]
+        agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
+        print(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
+              f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
+              f"utility on {agreement:.1%} of non-tied pairs")
 
     # -----------------------------------------------------------------------------
     # models: both trunks start as the SFT model
     reward_model = with_score_head(sft_ckpt, 1, device)
-    rule_model = with_score_head(sft_ckpt, len(RULES), device)
+    rule_model = None if args.pairs else with_score_head(sft_ckpt, len(RULES), device)  # your pairs: no rule labels
 
     # -----------------------------------------------------------------------------
     # optimizers
     reward_opt = reward_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
-    rule_opt = rule_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
+    rule_opt = rule_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type) if rule_model else None
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
     @torch.no_grad()
     def score_records(recs):
-        """Preference scores (per prompt, per response) and rule probabilities."""
-        reward_model.eval(), rule_model.eval()
+        """Preference scores (per prompt, per response) and rule probabilities (none without a rule model)."""
+        reward_model.eval(), rule_model and rule_model.eval()
         seqs = [s for r in recs for s in r["sequences"]]
         rewards, rule_probs = [], []
         for start in range(0, len(seqs), SCORE_BATCH):
             with autocast:
-                rewards += reward_model.last_token_scores(seqs[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
-                rule_probs += torch.sigmoid(rule_model.last_token_scores(seqs[start:start + SCORE_BATCH],
-                                                                         pad_id)).tolist()
-        reward_model.train(), rule_model.train()
+                rewards += last_token_scores(reward_model, seqs[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
+                rule_probs += torch.sigmoid(last_token_scores(rule_model, seqs[start:start + SCORE_BATCH],
+                                                              pad_id)).tolist() if rule_model else [[]] * len(
+                                                                  seqs[start:start + SCORE_BATCH])
+        reward_model.train(), rule_model and rule_model.train()
         k = len(recs[0]["sequences"])
         return ([rewards[i:i + k] for i in range(0, len(rewards), k)],
                 [rule_probs[i:i + k] for i in range(0, len(rule_probs), k)])
@@ -233,57 +258,88 @@ if __name__ == "__main__":
     order_rng = random.Random(args.seed)
     order = []
     t0 = time.time()
-    reward_model.train(), rule_model.train()
-    for step in tqdm(range(max_steps + 1), desc="reward", dynamic_ncols=True):
+    reward_model.train(), rule_model and rule_model.train()
+    train_reward, train_rule = reward_model, rule_model
+    if world > 1:  # each averages its gradients over the ranks in backward
+        train_reward, train_rule = (m and DistributedDataParallel(m, broadcast_buffers=False)
+                                    for m in (reward_model, rule_model))
+    for step in tqdm(range(max_steps + 1), desc="reward", dynamic_ncols=True, disable=not master):
         last_step = step == max_steps
-        if step % eval_every == 0 or last_step:
+        if master and (step % eval_every == 0 or last_step):
             val_scores, val_rules = score_records(val_records)
-            metrics = dict(step=step, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
-                           val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
-                           val_rule_acc=rule_accuracy(val_rules, val_records))
+            metrics = dict(step=step, val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"))
+            if not args.pairs:  # the world's judges: the noiseless gold order, the gold rule checker
+                metrics.update(val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
+                               val_rule_acc=rule_accuracy(val_rules, val_records))
             log_metrics(log_path, **metrics)
             tqdm.write(f"step {step:4d}/{max_steps} | held-out pair accuracy vs labelers {metrics['val_acc_labeler']:.3f}"
-                       f" | vs gold {metrics['val_acc_gold']:.3f} | rule accuracy "
-                       + " ".join(f"{v:.3f}" for v in metrics["val_rule_acc"].values()))
+                       + ("" if args.pairs else f" | vs gold {metrics['val_acc_gold']:.3f} | rule accuracy "
+                          + " ".join(f"{v:.3f}" for v in metrics["val_rule_acc"].values())))
         if last_step:
             break
 
         # ---------------- TRAINING SECTION ----------------
         if len(order) < args.prompts_per_step:  # a new epoch, in a new order
             order = order_rng.sample(range(len(train_records)), len(train_records))
-        batch = [train_records[order.pop()] for _ in range(args.prompts_per_step)]
+        batch = [train_records[order.pop()] for _ in range(args.prompts_per_step)][rank::world]  # this rank's share
         seqs = [s for r in batch for s in r["sequences"]]
         with autocast:
-            rewards = reward_model.last_token_scores(seqs, pad_id)[:, 0].view(len(batch), args.k)
-            rule_logits = rule_model.last_token_scores(seqs, pad_id)  # (B*K, n_rules)
+            rewards = last_token_scores(train_reward, seqs, pad_id)[:, 0].view(len(batch), args.k)
+            rule_logits = last_token_scores(train_rule, seqs, pad_id) if rule_model else None  # (B*K, n_rules)
         # one forward per response, every comparison of a prompt from the same K rewards (InstructGPT)
         pref_loss = torch.stack([pairwise_loss(rewards[i], r["ranking"]) for i, r in enumerate(batch)]).mean()
-        labels = torch.tensor([lab for r in batch for lab in r["rule_labels"]], dtype=torch.float, device=device)
-        rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
+        rule_loss = torch.zeros((), device=device)  # none without a rule model (your pairs carry no rule labels)
+        if rule_model is not None:
+            labels = torch.tensor([lab for r in batch for lab in r["rule_labels"]], dtype=torch.float, device=device)
+            rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
         (pref_loss + rule_loss).backward()  # two separate models: each gets only its own loss's gradient
         lr = cosine_lr(step, args.lr, max(1, int(max_steps * args.warmup_share)), max_steps)
         clip_and_step(reward_model, reward_opt, lr, args.grad_clip)
-        clip_and_step(rule_model, rule_opt, lr, args.grad_clip)
-        if step % args.log_interval == 0:
-            log_metrics(log_path, step=step, pref_loss=pref_loss.item(), rule_loss=rule_loss.item(), lr=lr)
+        if rule_model is not None:
+            clip_and_step(rule_model, rule_opt, lr, args.grad_clip)
+        if master and step % args.log_interval == 0:
+            log_metrics(log_path, step=step, pref_loss=pref_loss.item(),
+                        **({} if args.pairs else dict(rule_loss=rule_loss.item())), lr=lr)
             tqdm.write(f"step {step:4d}/{max_steps} | pairwise loss {pref_loss.item():.4f} | "
-                       f"rule loss {rule_loss.item():.4f} | lr {lr:.1e}")
+                       + ("" if args.pairs else f"rule loss {rule_loss.item():.4f} | ") + f"lr {lr:.1e}")
     train_seconds = time.time() - t0
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not master:
+        raise SystemExit(0)
 
     # normalize: the demonstrators' answers to the training prompts score 0 on average (InstructGPT)
-    demo_rng = random.Random(args.seed + DEMO_SEED)
-    demo_tasks = prompt_set("reward_train", args.n_prompts, args.seed)
-    demos = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
-             for t in demo_tasks]
+    if args.pairs:  # yours have no demonstrator: every response of the training pairs scores 0 on average
+        demos = [s for r in train_records for s in r["sequences"]]
+    else:
+        demo_rng = random.Random(args.seed + DEMO_SEED)
+        demo_tasks = prompt_set("reward_train", args.n_prompts, args.seed)
+        demos = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
+                 for t in demo_tasks]
     offset = normalize_reward(reward_model, demos, pad_id, autocast)
     save_checkpoint(os.path.join(args.out_dir, "reward.pt"), reward_model, "reward", enc, config=vars(args),
                     normalization=offset)
-    save_checkpoint(os.path.join(args.out_dir, "rules.pt"), rule_model, "rules", enc, config=vars(args),
-                    rules=list(RULES))
+    rules_path = os.path.join(args.out_dir, "rules.pt")
+    if rule_model is not None:
+        save_checkpoint(rules_path, rule_model, "rules", enc, config=vars(args), rules=list(RULES))
+    elif os.path.exists(rules_path):  # an earlier run's rule model must not pass for this one's
+        os.remove(rules_path)
 
     # -----------------------------------------------------------------------------
     # the final summary: accuracies, then best-of-n judged by the gold judge
     val_scores, val_rules = score_records(val_records)
+    if args.pairs:  # yours: held-out accuracy against your labels, the one judge there is
+        summary = dict(pairs=args.pairs, val_acc=pair_accuracy(val_scores, val_records, "ranking"),
+                       val_pairs=pair_outcomes(val_scores, val_records, "ranking"), normalization=offset,
+                       n_train_pairs=len(train_records), n_val_pairs=len(val_records), n_skipped=n_skipped,
+                       epochs=args.epochs, train_seconds=train_seconds, rule_model=False, unavailable={
+                           "rule model": "your pairs carry no rule labels, so it was not trained (no rules.pt)",
+                           "gold accuracy and best-of-n": "the gold judge knows the world's tasks, not your "
+                           "preference (chat.py --best_of N --reward_dir reranks with any reward model)"})
+        write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        print(f"reward model: held-out pair accuracy {summary['val_acc']:.1%} on {len(val_records)} of your pairs "
+              f"(chance: 50%) | not available: " + "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
+        raise SystemExit(0)
     t0 = time.time()
     samples_path = os.path.join(os.path.dirname(args.sft), "samples_test.json")
     if not os.path.exists(samples_path):

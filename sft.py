@@ -21,6 +21,7 @@ every RL run (ppo.py) is compared with them.
 
     python sft.py                                    # cpu preset, from out/pretrain_domain/ckpt.pt
     python sft.py --tools 0 --out_dir out/sft_closed_book   # the closed-book baseline
+    python sft.py --demos examples/demos.jsonl --out_dir out/sft_mine   # your own demonstrations (data.read_demos)
     python sft.py --preset gpu --out_dir out_gpu/sft --init_from out_gpu/pretrain_domain/ckpt.pt ...
 
 Honest simplifications: InstructGPT trained 16 epochs with dropout 0.2 and picked the checkpoint
@@ -30,18 +31,21 @@ as we like) without dropout, and keep the last checkpoint.
 import argparse
 import os
 import random
+import sys
 import time
 from statistics import fmean
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float,
-                    nonneg_int, parse_args, positive_float, positive_int, setup_device, synchronize, trim_log,
-                    write_json)
-from data import EOT, chat_batch, encode_chat, load_tokenizer
+from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
+                    nonneg_float, nonneg_int, parse_args, positive_float, positive_int, setup_device,
+                    setup_distributed, synchronize, trim_log, write_json)
+from data import (ASSISTANT, EOT, chat_batch, encode_chat, encode_conversation, fit_block, load_tokenizer, read_demos,
+                  split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set
+from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set, sample_responses
 from tools import demonstrate_fact, evaluate_facts, load_index, make_questions
 
 PRESETS = {
@@ -79,6 +83,8 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/sft", help="checkpoint, log and summary go here")
     # data
+    parser.add_argument("--demos", default=None, help="your own demonstrations instead of the world's: JSON Lines "
+                        "of {prompt, completion} or {messages} (data.read_demos); every 20th is held out")
     parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
     parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
@@ -109,27 +115,44 @@ if __name__ == "__main__":
     args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
-    # device, dtype
-    device, autocast = setup_device(args.device)
+    # device, dtype, and under torchrun the ranks: rank 0 alone prints, logs, evaluates and saves;
+    # every rank draws the same batches and trains on its share of each
+    rank, world, device_name = setup_distributed(args.device)
+    master = rank == 0
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
+    device, autocast = setup_device(device_name)
+    if args.batch_size % world:
+        raise ValueError(f"--batch_size {args.batch_size} does not divide among {world} ranks")
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
 
     # -----------------------------------------------------------------------------
     # data: a demonstration for every training task and factual question; validation on dev compositions
     enc = load_tokenizer(args.tokenizer)
-    rng = random.Random(args.seed)
-    train_tasks = prompt_set("sft_train", args.n_train, args.seed)
-    train_demos = [demonstrate(t, rng, args.flaw_rate) for t in train_tasks]
-    val_tasks = prompt_set("sft_val", N_VAL, args.seed)
-    val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
-    train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
-    docs = load_index(args.docs_index)
-    facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
-    train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
-    demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
-    print(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and {len(facts)} "
-          f"factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
-          f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
+    if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out
+        block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
+        demos = [encode_conversation(enc, turns) for turns in read_demos(args.demos)]
+        train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
+                                                                args.demos))
+        n_skipped = len(demos) - len(train_examples) - len(val_examples)
+        print(f"data: {len(train_examples)} of your demonstrations from {args.demos}, mean "
+              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
+              f"{n_skipped} skipped")
+    else:
+        rng = random.Random(args.seed)
+        train_tasks = prompt_set("sft_train", args.n_train, args.seed)
+        train_demos = [demonstrate(t, rng, args.flaw_rate) for t in train_tasks]
+        val_tasks = prompt_set("sft_val", N_VAL, args.seed)
+        val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
+        train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
+        docs = load_index(args.docs_index)
+        facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
+        train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
+        demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
+        print(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
+              f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
+              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
     pad_id = enc.encode_single_token(EOT)
 
     # -----------------------------------------------------------------------------
@@ -181,18 +204,20 @@ if __name__ == "__main__":
     t_start = time.time()
     stop = StopFlag()
     model.train()
+    train_model = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     for step in tqdm(range(start_step, args.max_steps + 1), initial=start_step, total=args.max_steps + 1,
-                     desc="sft", dynamic_ncols=True):
+                     desc="sft", dynamic_ncols=True, disable=not master):
         last_step = step == args.max_steps
-        if stop.stop:
-            save(step, finished=False)
+        if any_rank(stop.stop, world, device):
+            if master:
+                save(step, finished=False)
             print(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
-        if step % args.eval_interval == 0 or last_step:
+        if master and (step % args.eval_interval == 0 or last_step):
             loss = val_loss()
             log_metrics(log_path, step=step, val_loss=loss)
             tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {loss:.4f}")
-        if last_step or (step > start_step and step % args.save_interval == 0):
+        if master and (last_step or (step > start_step and step % args.save_interval == 0)):
             save(step, finished=last_step)
         if last_step:
             break
@@ -201,21 +226,48 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         if not batches:
             batches = length_grouped_batches(train_examples, args.batch_size, batch_rng)
-        x, y = chat_batch([train_examples[i] for i in batches.pop()], pad_id, device)
+        batch = batches.pop()
+        x, y = chat_batch([train_examples[i] for i in batch[rank::world]], pad_id, device)  # this rank's share
         with autocast:
-            _, loss = model(x, y, trained_only=True)  # mean over the assistant's tokens only (targets are -1 elsewhere)
-        loss.backward()
+            _, loss = train_model(x, y, trained_only=True)  # mean over the assistant's tokens (-1 elsewhere)
+        # a rank's mean, weighted by its share of the batch's assistant tokens: after DDP averages the
+        # ranks' gradients, the step is that of the mean over the whole batch (a factor of 1 on one rank)
+        n_batch = sum(sum(train_examples[i][1][1:]) for i in batch)
+        (loss * (int((y >= 0).sum()) * world / n_batch)).backward()
         lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
         norm = clip_and_step(model, optimizer, lr, args.grad_clip)
         synchronize(device)
         dt = time.perf_counter() - t0
-        if step % args.log_interval == 0:
+        if master and step % args.log_interval == 0:
             tokens = int((y >= 0).sum())
             log_metrics(log_path, step=step, loss=loss.item(), lr=lr, grad_norm=norm.item(), ms=dt * 1000,
                         assistant_tok_per_s=tokens / dt)
             tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
                        f"norm {norm.item():6.3f} | {dt * 1000:6.1f} ms | {tokens / dt:8,.0f} assistant tok/s")
     train_seconds = time.time() - t_start
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if not master:
+        raise SystemExit(0)
+
+    # -----------------------------------------------------------------------------
+    # the final summary on your own demonstrations: no hidden tests, so no gold judge; the loss on the held-out
+    # ones, and the model's greedy answers to their last requests (each cut after its last <|assistant|>)
+    if args.demos:
+        assistant_id = enc.encode_single_token(ASSISTANT)
+        prompts = [t[:len(t) - t[::-1].index(assistant_id)] for t, _ in val_examples]
+        with autocast:
+            answers = sample_responses(model, enc, [p for p in prompts if len(p) + args.max_new_tokens <=
+                                                    model.config.block_size][:3], 1, 0.0, args.max_new_tokens)
+        summary = dict(demos=args.demos, val_loss=val_loss(), n_train=len(train_examples), n_val=len(val_examples),
+                       n_skipped=n_skipped, train_seconds=train_seconds, examples=[a["text"] for a in answers],
+                       unavailable={"gold judge (pass@k, reranking, few-shot base)": "your demonstrations have no "
+                                    "hidden tests", "factual accuracy": "they are not the toolset's questions"})
+        write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        print(f"held-out demonstrations ({len(val_examples)}): loss {summary['val_loss']:.4f} | not available: " +
+              "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
+        print("example:\n" + "\n---\n".join(summary["examples"]))
+        raise SystemExit(0)
 
     # -----------------------------------------------------------------------------
     # the final summary: the gold judge on held-out prompts, the few-shot base model, the toolset

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import load_tokenizer, prose_of, save_tokenizer, train_bpe  # noqa: E402
+from model import last_token_scores  # noqa: E402
 from reward import pairwise_loss  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -47,7 +48,7 @@ def train_preference(rm, make_pair, steps, pairs_per_step=8, lr=3e-3, seed=0):
     rng, losses = random.Random(seed), []
     for _ in range(steps):
         seqs = [s for _ in range(pairs_per_step) for s in make_pair(rng)]
-        r = rm.last_token_scores(seqs, 0)[:, 0]
+        r = last_token_scores(rm, seqs, 0)[:, 0]
         loss = torch.stack([pairwise_loss(r[i:i + 2], [0, 1]) for i in range(0, len(seqs), 2)]).mean()
         opt.zero_grad()
         loss.backward()

@@ -139,12 +139,10 @@ def test_ignored_targets_do_not_count():
     torch.testing.assert_close(model(idx, other)[1], expected)
 
 
-def test_score_head_reads_the_trunk():
+def test_a_scored_model_returns_its_scores():
     model = tiny(n_scores=3)
-    scores = model.scores(torch.randint(0, 61, (2, 9)))
-    assert scores.shape == (2, 9, 3) and scores.dtype == torch.float32
-    with pytest.raises(ValueError, match="no scalar head"):
-        tiny().scores(torch.zeros(1, 4, dtype=torch.long))
+    scores, loss = model(torch.randint(0, 61, (2, 9)))
+    assert scores.shape == (2, 9, 3) and scores.dtype == torch.float32 and loss is None
 
 
 @pytest.mark.parametrize("bad,match", [(dict(n_embd=30, n_head=4), "divisible"), (dict(attn="fast"), "attn"),

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, last_token_scores
 from ppo import (adaptive_beta, compute_gae, gae_advantages, group_advantages, minibatch_losses, pack_rollouts,
                  policy_logprobs, score_responses, reward_from_tests, token_values, win_rates)
 from reward import normalize_reward
@@ -29,7 +29,7 @@ def test_the_value_of_a_state_is_read_where_its_action_is_chosen():
     value_model, x = tiny(n_scores=1), torch.randint(0, 49, (2, 12))
     values = token_values(value_model, x)
     for t in range(12):  # the state after token t sees tokens 0..t and nothing later
-        torch.testing.assert_close(values[:, t], value_model.scores(x[:, :t + 1])[:, -1, 0])
+        torch.testing.assert_close(values[:, t], value_model(x[:, :t + 1])[0][:, -1, 0])
 
 
 def test_the_reward_models_read_the_end_token():
@@ -39,8 +39,8 @@ def test_the_reward_models_read_the_end_token():
     for i, (p, r) in enumerate(zip(prompts, responses)):
         full = torch.tensor([p + r])
         assert full[0, -1] == END
-        assert rm[i].item() == pytest.approx(reward_model.scores(full)[0, -1, 0].item(), abs=1e-5)
-        torch.testing.assert_close(rules[i], torch.sigmoid(rule_model.scores(full)[0, -1]))
+        assert rm[i].item() == pytest.approx(reward_model(full)[0][0, -1, 0].item(), abs=1e-5)
+        torch.testing.assert_close(rules[i], torch.sigmoid(rule_model(full)[0][0, -1]))
 
 
 def test_returns_come_from_raw_advantages_and_advantages_are_whitened():
@@ -108,7 +108,7 @@ def test_reward_normalization_makes_the_reference_answers_score_zero():
     reward_model = tiny(n_scores=1)
     demos = [[1, 2, 3, END], [4, 5, END], [6, 7, 8, 9, END]]
     offset = normalize_reward(reward_model, demos, 0, torch.autocast("cpu", enabled=False))
-    scores = reward_model.last_token_scores(demos, 0)[:, 0]
+    scores = last_token_scores(reward_model, demos, 0)[:, 0]
     assert abs(scores.mean().item()) < 1e-5 and offset != 0
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint, with_score_head
+from model import GPT, GPTConfig, CheckpointError, last_token_scores, load_checkpoint, save_checkpoint, with_score_head
 from reward import pair_accuracy, pairwise_loss
 from tasks import best_of_n
 
@@ -44,11 +44,11 @@ def test_k_choose_2_in_one_batch_equals_pair_by_pair():
     torch.nn.init.normal_(model.score_head.weight)
     responses = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]]
     ranking = [2, 0, 3, 1]
-    r = model.last_token_scores(responses, 0)[:, 0]
+    r = last_token_scores(model, responses, 0)[:, 0]
     batched = pairwise_loss(r, ranking)
     separate = []
     for w, l in itertools.combinations(ranking, 2):  # each comparison as its own two-sequence batch
-        pair = model.last_token_scores([responses[w], responses[l]], 0)[:, 0]
+        pair = last_token_scores(model, [responses[w], responses[l]], 0)[:, 0]
         separate.append(-F.logsigmoid(pair[0] - pair[1]))
     torch.testing.assert_close(batched, torch.stack(separate).mean(), rtol=1e-5, atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_a_reward_model_learns_a_synthetic_preference(preference_trainer):
     rng = random.Random(1)
     with torch.no_grad():
         held_out = [pair(rng) for _ in range(100)]
-        r = model.last_token_scores([s for p in held_out for s in p], 0)[:, 0]
+        r = last_token_scores(model, [s for p in held_out for s in p], 0)[:, 0]
     accuracy = (r[0::2] > r[1::2]).float().mean().item()
     assert accuracy > 0.9
 
@@ -78,7 +78,7 @@ def test_with_score_head_keeps_the_trunk_and_starts_at_zero(tmp_path):
     ckpt = dict(model_args=asdict(policy.config), model=policy.state_dict())
     rm = with_score_head(ckpt, 3, CPU)
     assert torch.equal(rm.transformer.h[0].attn.c_attn.weight, policy.transformer.h[0].attn.c_attn.weight)
-    assert (rm.scores(torch.tensor([[1, 2, 3]])) == 0).all()
+    assert (rm(torch.tensor([[1, 2, 3]]))[0] == 0).all()
 
 
 def test_pair_accuracy_skips_ties_and_compares_both_orders():
