@@ -81,25 +81,33 @@ def resolve_attention_path(path, device, head_dim):
     return path
 
 
-def causal_mask(T_q, T_k, device):
+def causal_mask(T_q, T_k, device, key_start=None):
     """(T_q, T_k) bool, True where query i may see key j. Queries sit at the last T_q positions,
-    so the same mask serves training (T_q == T_k), decoding (T_q == 1) and chunked prefill."""
-    offset = T_k - T_q
-    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=offset)
+    so the same mask serves training (T_q == T_k), decoding (T_q == 1) and chunked prefill.
+    key_start (B,): each row's first real key in a left-padded batch (batched generation); the
+    mask is then (B, 1, T_q, T_k), no query sees padding, and a padding query sees only itself,
+    so that no row of the softmax is empty (its output is never used)."""
+    pos = torch.arange(T_k - T_q, T_k, device=device)[:, None]  # (T_q, 1) each query's position
+    keys = torch.arange(T_k, device=device)  # (T_k,)
+    if key_start is None:
+        return keys <= pos
+    first = torch.minimum(key_start.view(-1, 1, 1, 1), pos)  # (B, 1, T_q, 1) first key seen
+    return (keys <= pos) & (keys >= first)
 
 
-def attention(q, k, v, path="auto", mask=None):
+def attention(q, k, v, path="auto", key_start=None):
     """Causal scaled dot-product attention, softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017).
     q: (B, nh, T_q, hs); k, v: (B, nh, T_k, hs) with T_q <= T_k, queries aligned to the last keys.
-    mask: optional bool (B, 1, T_q, T_k) of the keys each query may see; it replaces the causal
-    mask when a batch is left-padded (batched generation)."""
+    key_start: optional (B,) ints, the first real key of each row of a left-padded batch (batched
+    generation); every path hides the padding, the fused kernel too."""
     path = resolve_attention_path(path, q.device, q.size(-1))
-    if path == "flash" and mask is not None:
-        path = "sdpa"  # the fused kernel knows only the causal mask; padded batches take SDPA
-    if path not in _announced:
+    if not torch.compiler.is_compiling() and path not in _announced:  # a print splits a graph
         _announced.add(path)
         print(f"attention: {path} path on {q.device.type}")
+    if path == "flash":
+        return _flash_attention(q, k, v, key_start)
     T_q, T_k = q.size(-2), k.size(-2)
+    mask = None if key_start is None else causal_mask(T_q, T_k, q.device, key_start)  # (B, 1, T_q, T_k)
     if path == "math":
         # the readable reference: this materializes the (T_q, T_k) matrix of scores, so memory
         # grows as T^2; the fused kernel computes the same thing tile by tile and never stores it
@@ -108,14 +116,13 @@ def attention(q, k, v, path="auto", mask=None):
         att = att.masked_fill(~allowed, float("-inf"))
         att = F.softmax(att.float(), dim=-1).to(q.dtype)
         return att @ v  # (B, nh, T_q, hs)
-    if path == "sdpa":
-        if mask is None and T_q == T_k:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if mask is None and T_q > 1:
-            mask = causal_mask(T_q, T_k, q.device)
-        # a single query after a cache sees every key: no mask needed
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return _flash_attention(q, k, v)
+    # sdpa: PyTorch's fused kernels (FlashAttention-2, cuDNN, memory-efficient; C++ on CPU)
+    if mask is None and T_q == T_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None and T_q > 1:
+        mask = causal_mask(T_q, T_k, q.device)
+    # a single query after a cache sees every key: no mask needed
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask=None, kv_cache=None):
+    def forward(self, x, key_start=None, kv_cache=None):
         B, T, C = x.size()
         nh = self.config.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -167,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_past + T, hs)
         # the path is read at call time, so a test can flip it on one model instance
-        y = attention(q, k, v, self.config.attn, mask)  # (B, nh, T, hs)
+        y = attention(q, k, v, self.config.attn, key_start)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -191,8 +198,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), mask, kv_cache)  # pre-norm residual (GPT-2)
+    def forward(self, x, key_start=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), key_start, kv_cache)  # pre-norm residual (GPT-2)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -244,7 +251,7 @@ class GPT(nn.Module):
         Causal attention does half of that work, but the usual convention counts it all."""
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def trunk(self, idx, positions=None, mask=None, kv_cache=None):
+    def trunk(self, idx, positions=None, key_start=None, kv_cache=None):
         """Final hidden states (B, T, n_embd) after ln_f. positions: (B, T) or None for 0..T-1
         after whatever the cache holds."""
         B, T = idx.size()
@@ -255,10 +262,10 @@ class GPT(nn.Module):
             positions = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, mask, kv_cache)
+            x = block(x, key_start, kv_cache)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, positions=None, mask=None, kv_cache=None, trained_only=False):
+    def forward(self, idx, targets=None, positions=None, key_start=None, kv_cache=None, trained_only=False):
         """Logits (B, T, vocab) and, given targets (B, T) with -1 where nothing is predicted, the mean
         cross-entropy over the rest. A model with a scalar head (reward, rule, value) returns its
         scores instead: (B, T, n_scores) in fp32, and no loss. trained_only: send only the positions
@@ -266,7 +273,7 @@ class GPT(nn.Module):
         The head is about 40% of this model's FLOPs and SFT and PPO train on about half the positions
         (the answer), so this saves a fifth of their compute; the shape depends on the data, so
         compiled pretraining, where every position has a target, does not use it."""
-        h = self.trunk(idx, positions, mask, kv_cache)  # (B, T, C)
+        h = self.trunk(idx, positions, key_start, kv_cache)  # (B, T, C)
         if self.score_head is not None:
             return self.score_head(h).float(), None
         if trained_only:
@@ -288,8 +295,9 @@ class GPT(nn.Module):
         softmax(logits / temperature) before any top-k/top-p truncation, i.e. under the policy itself
         (plain softmax when greedy, temperature=0), and which tokens were forced rather than sampled.
 
-        Prompts are left-padded so that every sequence's next token sits in the same column; a mask
-        keeps the padding out of attention and positions restart at 0 for each prompt. A sequence
+        Prompts are left-padded so that every sequence's next token sits in the same column; each
+        row's first real key (key_start) keeps the padding out of attention on every path, the fused
+        kernel too, and positions restart at 0 for each prompt. A sequence
         leaves the batch (and the cache) when it samples eos_id.
 
         Tools (LaMDA's toolset): when a row samples tool_runner.call_end_id, tool_runner(the row's
@@ -303,18 +311,14 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {P} tokens + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
         idx = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # real (non-pad) keys
         for i, p in enumerate(prompts):
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-            valid[i, P - len(p):] = True
-        padded = not bool(valid[:, :P].all())
-        positions = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)  # (B, P)
-        mask = None
-        if padded:  # causal and not padding; a pad query may see itself so that no row is empty
-            mask = causal_mask(P, P, device) & valid[:, None, None, :P]
-            mask |= torch.eye(P, dtype=torch.bool, device=device)  # (B, 1, P, P)
+        padded = any(len(p) < P for p in prompts)
+        key_start = torch.tensor([P - len(p) for p in prompts], device=device) if padded else None  # (B,)
+        first = key_start[:, None] if padded else torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, 1)
+        positions = (torch.arange(P, device=device) - first).clamp(min=0)  # (B, P): each prompt counts from 0
         cache = KVCache(self.config.n_layer, P + max_new_tokens)
-        logits = self(idx, positions=positions, mask=mask, kv_cache=cache)[0][:, -1]  # (B, vocab)
+        logits = self(idx, positions=positions, key_start=key_start, kv_cache=cache)[0][:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
         rows = torch.arange(B, device=device)  # the prompt index of each sequence still generating
         responses = [[] for _ in range(B)]  # what each row has written so far, for the tool runner
@@ -342,10 +346,10 @@ class GPT(nn.Module):
                 return
             if bool(ended.any()):  # finished sequences leave the batch and the cache: no work on them
                 keep = ~ended
-                rows, next_tok, next_pos, valid = rows[keep], next_tok[keep], next_pos[keep], valid[keep]
+                rows, next_tok, next_pos = rows[keep], next_tok[keep], next_pos[keep]
+                key_start = key_start[keep] if padded else None
                 cache.keep(keep)
-            step_mask = valid[:, None, None, :P + t + 1] if padded else None  # (b, 1, 1, T_k)
-            logits = self(next_tok[:, None], positions=next_pos[:, None], mask=step_mask, kv_cache=cache)[0][:, -1]
+            logits = self(next_tok[:, None], positions=next_pos[:, None], key_start=key_start, kv_cache=cache)[0][:, -1]
             next_pos += 1
 
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, pad_id=0,
