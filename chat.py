@@ -108,7 +108,8 @@ def load_scorers(reward_dir, enc, device):
     rules_path = os.path.join(reward_dir, "rules.pt")
     rules = load_checkpoint(rules_path, ["rules"], enc, device) if os.path.exists(rules_path) else None
     if rules is None:
-        print(f"no rule model in {reward_dir} (no rules.pt): answers get the reward model's score alone", file=sys.stderr)
+        print(f"no rule model in {reward_dir} (no rules.pt): answers get the reward model's score alone",
+              file=sys.stderr)
     return SimpleNamespace(reward=model_from_checkpoint(rm, device).eval(), lock=threading.Lock(), dir=reward_dir,
                            rules=rules and model_from_checkpoint(rules, device).eval(),
                            names=rules.get("rules", list(RULES)) if rules else [])
@@ -211,7 +212,7 @@ def best_of(ctx, m, request, history, task, s, generator, emit):
                              for t in samples],
                        [prompt + t for t in samples], None)
     rule_probs = [[*r["rules"].values(), 0.0] for r in results]  # 0.0: without a rule model, nothing is flagged
-    pick = best_of_n([[r["reward"] for r in results]], rule_probs, n)[0]
+    pick = best_of_n([[r["reward"] for r in results]], [rule_probs], n)[0]
     r = annotate(ctx, [dict(results[pick], picked=pick)], [prompt + samples[pick]], task)[0]
     emit(dict(model=r["model"], done=r))
     return r

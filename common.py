@@ -69,15 +69,16 @@ def fraction(text):
 # device
 
 
-def setup_device(name="auto"):
-    """(device, autocast context): cuda, then mps, then cpu; bf16 autocast where supported."""
+def setup_device(name="auto", dtype="auto"):
+    """(device, autocast context): cuda, then mps, then cpu; bf16 autocast where supported (auto),
+    or as asked (a CPU can run the GPU's bf16 path, slowly, to test it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     return device, autocast
 

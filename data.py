@@ -15,6 +15,10 @@ same algorithm in a few lines of Python, the reference the tests hold tiktoken t
 
     python data.py                                              # the embedded default
     python data.py --generic_corpus notes/ --domain_corpus src/  # your own files or folders
+    python data.py --export out/export   # the world's demonstrations, pairs and prompts as JSON Lines
+
+Your own demonstrations, preference pairs and prompts are read here too (read_demos, read_pairs,
+read_prompts), in the JSON Lines formats of Hugging Face TRL; see "your own data" below.
 """
 import argparse
 import ast
@@ -22,8 +26,10 @@ import base64
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import os
+import random
 import sysconfig
 import time
 import tokenize
@@ -58,9 +64,10 @@ def is_val(name):
     return int(hashlib.md5(name.encode()).hexdigest(), 16) % VAL_EVERY == 0
 
 
-def stdlib_sources():
-    """(relative path, source) for the standard library's Python files, tests excluded."""
-    root = sysconfig.get_paths()["stdlib"]
+def stdlib_sources(root=None):
+    """(relative path, source) for the standard library's Python files (or those under root),
+    tests and installed packages excluded."""
+    root = root or sysconfig.get_paths()["stdlib"]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idle_test")
@@ -101,11 +108,17 @@ def prose_of(source):
     return "\n\n".join(text for _, text in sorted(pieces, key=lambda p: p[0]))
 
 
-def default_corpora():
-    """The embedded default, built from this Python installation (about 4 MB and 12 MB)."""
+def default_corpora(installed=False):
+    """The embedded default, built from this Python installation (about 4 MB and 12 MB); with
+    installed, also the source and prose of every installed package (the gpu preset's corpus: about
+    85 MB of source with this project's requirements)."""
     import pydoc_data.topics
     generic, domain = {"train": [], "val": []}, {"train": [], "val": []}
-    for name, source in stdlib_sources():
+    sources = stdlib_sources()
+    if installed:  # the packages' names carry a prefix, so their split never follows a stdlib file's
+        roots = sorted({sysconfig.get_paths()[key] for key in ("purelib", "platlib")})
+        sources += [(f"site:{name}", source) for root in roots for name, source in stdlib_sources(root)]
+    for name, source in sources:
         split = "val" if is_val(name) else "train"
         domain[split].append(source)
         prose = prose_of(source)
@@ -405,6 +418,268 @@ def chat_batch(examples, pad_id, device):
     return x[:, :-1].to(device), y[:, 1:].to(device)
 
 
+def segments(text):
+    """A response's decoded text back into encode_response's segments: its tool calls and results,
+    written out with their special tokens, become call and result segments again."""
+    parts, out = TOOL_SEGMENT.split(text), []  # text, call or None, result or None, text, ...
+    for i in range(0, len(parts), 3):
+        out += [("text", parts[i])] if parts[i] else []
+        if i + 1 < len(parts):
+            out.append(("call", parts[i + 1]) if parts[i + 1] is not None else ("result", parts[i + 2]))
+    return out
+
+
+TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}|"
+                             f"{regex.escape(RESULT)}(.*?){regex.escape(RESULT_END)}", regex.S)
+
+# -----------------------------------------------------------------------------
+# your own data: JSON Lines in the formats of Hugging Face TRL and datasets (OpenRLHF reads them too), a
+# record per line, other fields ignored. Each record becomes a conversation, the (request, response) turns
+# that encode_conversation takes.
+#   demonstrations (sft.py --demos):      {"prompt": "...", "completion": "..."}, or {"messages": [...]}
+#   preference pairs (reward.py --pairs): {"prompt": "...", "chosen": "...", "rejected": "..."}
+#   RL prompts (ppo.py --prompts):        {"prompt": "..."}
+# A message is {"role": "system", "user", "assistant" or "tool", "content": "..."}. Wherever a string stands,
+# a list of messages may (TRL's conversational form); without a prompt, chosen and rejected are whole
+# conversations. A system message, first, is put before the first request (the chat format has no system
+# role). An assistant's tool call, {"tool_calls": [{"type": "function", "function": {"name": "lookup",
+# "arguments": {"query": "json.dumps"}}}]}, and the tool's answer, {"role": "tool", "content": "..."}, become
+# the segments <|call|>lookup: json.dumps<|/call|> and <|result|>...<|/result|> of tools.py's toolset.
+
+SFT_FACT_SEED = 50  # sft.py's FACT_SEED, for the export (tests/test_user_data.py checks that they agree)
+
+
+class DataError(ValueError):
+    """A file of your own data that cannot be used: says the file, the line and what is wrong."""
+
+
+def read_jsonl(path):
+    """(line number, record) for each non-blank line of a JSON Lines file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"not found: {path}")
+    records = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: a record is a JSON object {{...}}, not {type(record).__name__}")
+            records.append((n, record))
+    if not records:
+        raise DataError(f"{path} is empty: no records")
+    return records
+
+
+def _call_text(call, where):
+    """A tool call in TRL's form as the text of a call segment, 'NAME: ARGUMENT'."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    fn = fn if isinstance(fn, dict) else {}
+    args = fn.get("arguments")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        args = None
+    if not isinstance(fn.get("name"), str) or not isinstance(args, dict) or len(args) != 1 \
+            or not isinstance(next(iter(args.values())), str):
+        raise DataError(f'{where}: a tool call names the tool and passes it one string, as in {{"type": "function", '
+                        f'"function": {{"name": "lookup", "arguments": {{"query": "json.dumps"}}}}}}')
+    return f"{fn['name']}: {next(iter(args.values()))}"
+
+
+def _turns(messages, where, open_end=False):
+    """Messages as (request, response) turns, a response as text or as segments; with open_end (a prompt) the
+    last message is the user's and its response is None."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: want a non-empty list of messages")
+    turns, system = [], ""
+    for i, m in enumerate(messages):
+        at, m = f"{where}: message {i + 1}", m if isinstance(m, dict) else {}
+        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls") or []
+        content = "" if content is None and calls else content
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
+            raise DataError(f'{at}: want {{"role": "system", "user", "assistant" or "tool", "content": "..."}}, '
+                            f'got {json.dumps(m, ensure_ascii=False)[:80]}')
+        if role == "system":
+            if i:
+                raise DataError(f"{at}: a system message comes first, or not at all")
+            system = content + "\n\n"
+        elif role == "user":
+            turns.append((system + content, []))
+            system = ""
+        elif not turns:
+            raise DataError(f"{at}: the {role} speaks before the user")
+        elif role == "tool":
+            if not turns[-1][1] or turns[-1][1][-1][0] != "call":
+                raise DataError(f"{at}: a tool message answers the assistant's tool call just before it")
+            turns[-1][1].append(("result", content))
+        elif not isinstance(calls, list) or len(calls) > 1:
+            raise DataError(f"{at}: one tool call per message (the engine runs a call as soon as it is written)")
+        else:
+            turns[-1][1].extend(([("text", content)] if content or not calls else []) +
+                                [("call", _call_text(c, at)) for c in calls])
+    for n, (_, reply) in enumerate(turns):
+        if open_end and n == len(turns) - 1:
+            if reply:
+                raise DataError(f"{where}: a prompt ends with the user's message, not the assistant's")
+        elif not reply:
+            raise DataError(f"{where}: the user's message of turn {n + 1} has no assistant answer after it")
+        kinds = [k for k, _ in reply]
+        if any(k == "call" and kinds[j + 1:j + 2] != ["result"] for j, k in enumerate(kinds)):
+            raise DataError(f"{where}: turn {n + 1} has a tool call without the tool's answer after it")
+    if not turns:
+        raise DataError(f"{where}: no user message")
+    return [(q, None if open_end and n == len(turns) - 1 else r[0][1] if r[0][0] == "text" and len(r) == 1 else r)
+            for n, (q, r) in enumerate(turns)]
+
+
+def _joined(prompt, response, where, name):
+    """prompt and response (completion, chosen or rejected) as turns: two strings, two lists of messages, or
+    with no prompt a whole conversation."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return [(prompt, response)]
+    if isinstance(prompt, (list, type(None))) and isinstance(response, list):
+        return _turns((prompt or []) + response, where)
+    raise DataError(f'{where}: "prompt" and "{name}" are two strings or two lists of messages' +
+                    (f'; without a "prompt", "{name}" is a whole conversation, a list of messages' if prompt is None
+                     else ""))
+
+
+def read_demos(path):
+    """Demonstrations for SFT: a conversation per record, {"prompt", "completion"} or {"messages"}."""
+    out = []
+    for n, r in read_jsonl(path):
+        if "messages" in r:
+            out.append(_turns(r["messages"], f"{path}:{n}"))
+        elif "prompt" in r and "completion" in r:
+            out.append(_joined(r["prompt"], r["completion"], f"{path}:{n}", "completion"))
+        else:
+            raise DataError(f'{path}:{n}: a demonstration has "prompt" and "completion", or "messages"; this one '
+                            f'has {sorted(r)}')
+    return out
+
+
+def read_pairs(path):
+    """Preference pairs for the reward model: (chosen, rejected) conversations, from {"prompt", "chosen",
+    "rejected"}, or {"chosen", "rejected"} as whole conversations (TRL's implicit prompt)."""
+    out = []
+    for n, r in read_jsonl(path):
+        if "chosen" not in r or "rejected" not in r:
+            raise DataError(f'{path}:{n}: a preference pair has "chosen" and "rejected" (and a "prompt"); this one '
+                            f'has {sorted(r)}')
+        out.append(tuple(_joined(r.get("prompt"), r[k], f"{path}:{n}", k) for k in ("chosen", "rejected")))
+    return out
+
+
+def read_prompts(path):
+    """Prompts for RL: conversations whose last request awaits the policy's answer (its response is None), from
+    {"prompt": "..."} or {"prompt": [messages, the user's last]}; a completion beside it is ignored."""
+    out = []
+    for n, r in read_jsonl(path):
+        if isinstance(r.get("prompt"), str):
+            out.append([(r["prompt"], None)])
+        elif isinstance(r.get("prompt"), list):
+            out.append(_turns(r["prompt"], f"{path}:{n}", open_end=True))
+        else:
+            raise DataError(f'{path}:{n}: a prompt record has "prompt", a string or a list of messages; this one '
+                            f'has {sorted(r)}')
+    return out
+
+
+def fit_block(items, lengths, block_size, path):
+    """The items whose length in tokens fits the model's block. A longer one is skipped and counted, never
+    cut: a cut demonstration teaches answers that stop mid-way, a cut pair is judged on half a response."""
+    kept = [x for x, n in zip(items, lengths) if n <= block_size]
+    if len(kept) < len(items):
+        print(f"{path}: skipped {len(items) - len(kept)} of {len(items)} records: longer than the model's block "
+              f"of {block_size} tokens")
+    if not kept:
+        raise DataError(f"{path}: no record fits the model's block of {block_size} tokens")
+    return kept
+
+
+def split_held_out(items, every=VAL_EVERY):
+    """(training items, held-out items): every `every`-th item from the first, a fixed share spread over
+    the file, the same on every run."""
+    if len(items) < 2:
+        raise DataError(f"{len(items)} usable record(s): at least 2 are needed, one to train on, one held out")
+    return [x for i, x in enumerate(items) if i % every], items[::every]
+
+
+def messages_of(turns):
+    """Turns as TRL's messages, the readers' inverse: tool calls and results as tool_calls and tool messages."""
+    out = []
+    for request, response in turns:
+        out.append(dict(role="user", content=request))
+        for kind, text in [] if response is None else [("text", response)] if isinstance(response, str) else response:
+            name, _, arg = text.partition(": ")
+            out.append(dict(role="tool", content=text) if kind == "result" else dict(role="assistant", content=text)
+                       if kind == "text" else dict(role="assistant", content="", tool_calls=[dict(
+                           type="function", function=dict(name=name, arguments=dict(query=arg)))]))
+    return out
+
+
+def export_world(run_dir, out):
+    """The built-in world's data as the run in run_dir consumed it, in the formats above, to read and edit:
+    demos.jsonl (sft.py's training demonstrations, with the settings in sft/ckpt.pt), pairs.jsonl (reward.py's
+    cached comparisons, each labeler's ranking of K as its K-choose-2 pairs) and prompts.jsonl (ppo.py's RL
+    prompts, with the settings in ppo/ckpt.pt)."""
+    # imported here, not at the top: tasks.py and tools.py import this file for the chat format, so a top-level
+    # import would be a cycle; only the export needs the world
+    from tasks import demonstrate, prompt_set
+    from tools import demonstrate_fact, load_index, make_questions
+    os.makedirs(out, exist_ok=True)
+
+    def config(stage, own):  # the flags a stage ran with, kept in its checkpoint (mmap: no weights are read)
+        path = os.path.join(run_dir, stage, "ckpt.pt")
+        if not os.path.exists(path):
+            return print(f"{path} not found: run {stage}.py (or run.py) first to export what it reads")
+        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+        return print(f"{path} was trained on your own {cfg[own]}: that file is its data") if cfg.get(own) else cfg
+
+    def write(name, records):
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        print(f"wrote {len(records):,} records to {os.path.join(out, name)}")
+
+    if sft := config("sft", "demos"):  # sft.py's data section, line for line
+        rng = random.Random(sft["seed"])
+        demos = [(t.prompt, demonstrate(t, rng, sft["flaw_rate"])[0])
+                 for t in prompt_set("sft_train", sft["n_train"], sft["seed"])]
+        docs = load_index(sft["docs_index"]) if sft["n_facts"] else None
+        demos += [(q.prompt, demonstrate_fact(docs, q, sft["tools"]))
+                  for q in make_questions(docs, "train", sft["n_facts"], sft["seed"] + SFT_FACT_SEED)] if docs else []
+        write("demos.jsonl", [dict(prompt=p, completion=r) if isinstance(r, str) else dict(messages=messages_of(
+            [(p, r)])) for p, r in demos])
+    cache = os.path.join(run_dir, "reward", "comparisons.json")
+    if os.path.exists(cache):
+        enc = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
+        with open(cache) as f:
+            records = json.load(f)
+        pairs = []
+        for r in records:  # a sequence is <|endoftext|> <|user|> prompt <|assistant|> response
+            seq = r["sequences"][0]
+            prompt = enc.decode(seq[2:seq.index(enc.encode_single_token(ASSISTANT))])
+            for w, l in itertools.combinations(r["ranking"], 2):  # earlier in the labeler's ranking: preferred
+                chosen, rejected = segments(r["texts"][w]), segments(r["texts"][l])
+                if all(k == "text" for k, _ in chosen + rejected):  # plain strings
+                    pairs.append(dict(prompt=prompt, chosen=r["texts"][w], rejected=r["texts"][l]))
+                else:  # messages: the tool calls as tool_calls, their results as tool messages
+                    pairs.append(dict(prompt=messages_of([(prompt, None)]), chosen=messages_of([("", chosen)])[1:],
+                                      rejected=messages_of([("", rejected)])[1:]))
+        write("pairs.jsonl", pairs)
+    else:
+        print(f"{cache} not found: reward.py writes it (the SFT model's samples and the labelers' rankings)")
+    if ppo := config("ppo", "prompts"):
+        n = ppo["iterations"] * ppo["rollout_batch"] // ppo["group_size"]
+        write("prompts.jsonl", [dict(prompt=t.prompt) for t in prompt_set("ppo_train", n, ppo["seed"])])
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -414,13 +689,22 @@ if __name__ == "__main__":
     parser.add_argument("--domain_corpus", default=None, help="file or folder of domain text (default: stdlib source)")
     parser.add_argument("--vocab_size", type=int, default=4096, help="bytes + merges + special tokens")
     parser.add_argument("--max_chars", type=int, default=0, help="use only this many characters of each corpus (0: all)")
+    parser.add_argument("--corpus", default="stdlib", choices=("stdlib", "installed"), help="the default corpora: the "
+                        "standard library, or it and every installed package (the gpu preset's)")
+    parser.add_argument("--tokenizer_chars", type=int, default=40_000_000, help="train the tokenizer on at most this "
+                        "many characters, half from each corpus's training split (BPE in Python takes time)")
     parser.add_argument("--block_size", type=int, default=256, help="the longest context you will pretrain with: "
                         "every split must hold at least one window of block_size + 1 tokens")
+    parser.add_argument("--export", default=None, help="instead: write the world's data as the run in --out_dir "
+                        "consumed it (demos.jsonl, pairs.jsonl, prompts.jsonl) into this folder")
     args = parser.parse_args()
+    if args.export:  # the other way round: what the stages read, written out in the formats of your own data
+        export_world(args.out_dir, args.export)
+        raise SystemExit(0)
     os.makedirs(args.out_dir, exist_ok=True)
 
     t0 = time.time()
-    corpora = default_corpora() if args.generic_corpus is None or args.domain_corpus is None else {}
+    corpora = default_corpora(args.corpus == "installed") if args.generic_corpus is None or args.domain_corpus is None else {}
     if args.generic_corpus:
         corpora["generic"] = read_corpus(args.generic_corpus)
     if args.domain_corpus:
@@ -440,7 +724,13 @@ if __name__ == "__main__":
     tokenizer_path = os.path.join(args.out_dir, "tokenizer.json")
     if not os.path.exists(tokenizer_path):  # the tokenizer sees both training splits, never validation
         t0 = time.time()
-        merged = train_bpe(corpora["generic"]["train"] + corpora["domain"]["train"], args.vocab_size)
+        docs = []
+        for corpus in (corpora["generic"]["train"], corpora["domain"]["train"]):  # half the budget each
+            budget = args.tokenizer_chars // 2
+            for doc in corpus:
+                docs.append(doc[:budget])
+                budget -= len(docs[-1])
+        merged = train_bpe([d for d in docs if d], args.vocab_size)
         save_tokenizer(tokenizer_path, merged)
         summary["tokenizer_seconds"] = round(time.time() - t0, 1)
         print(f"trained the tokenizer: {256 + len(merged)} byte tokens and merges in {summary['tokenizer_seconds']}s")

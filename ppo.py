@@ -329,7 +329,8 @@ if __name__ == "__main__":
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --group_size {args.group_size} "
                      f"and of --minibatch {args.minibatch}")
     if args.prompts and args.reward != "rm":
-        parser.error(f"--reward {args.reward} needs the world's hidden tests; your --prompts have none: use --reward rm")
+        parser.error(f"--reward {args.reward} needs the world's hidden tests; your --prompts have none: use "
+                     f"--reward rm")
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -351,8 +352,8 @@ if __name__ == "__main__":
             encoded, [len(p) + args.max_new_tokens for p in encoded], block_size, args.prompts))
         n_skipped, n = len(encoded) - len(train_prompts) - len(eval_prompts), len(train_prompts)
         passes = -(-n_pool // n)  # enough passes over them for every iteration
-        prompt_pool = [train_prompts[i] for e in range(passes) for i in random.Random(args.seed + e).sample(range(n), n)]
-        prompt_pool = prompt_pool[:n_pool]
+        prompt_pool = [train_prompts[i] for e in range(passes)
+                       for i in random.Random(args.seed + e).sample(range(n), n)][:n_pool]
         print(f"data: {len(train_prompts)} of your prompts from {args.prompts} ({n_pool / len(train_prompts):.1f} "
               f"passes), {len(eval_prompts)} held out, {n_skipped} skipped; no hidden tests: the reward model alone")
     else:
@@ -564,11 +565,14 @@ if __name__ == "__main__":
                        eval_seconds=time.time() - t0, iterations=args.iterations,
                        episodes=args.iterations * args.rollout_batch, n_skipped=n_skipped,
                        examples=[s["text"] for s in ours[:n * 3:n]], unavailable=unavailable)
+        write_json(os.path.join(args.out_dir, "samples_heldout.json"), dict(  # for a judge of your own
+            prompts=[enc.decode(p) for p in prompts], n_samples=n, ppo=[s["text"] for s in ours],
+            sft=[s["text"] for s in theirs]))
         write_json(os.path.join(args.out_dir, "summary.json"), summary)
         print(f"held-out prompts ({len(prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
-              f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length {fmean(summary['response_len']):.1f} "
-              f"tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic val loss {fmean(generic_before):.4f} -> "
-              f"{fmean(summary['generic_val_losses_after']):.4f}\nnot available: "
+              f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length "
+              f"{fmean(summary['response_len']):.1f} tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic "
+              f"val loss {fmean(generic_before):.4f} -> {fmean(summary['generic_val_losses_after']):.4f}\nnot available: "
               + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "\nexample:\n" + summary["examples"][0])
         raise SystemExit(0)
 

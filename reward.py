@@ -272,7 +272,8 @@ if __name__ == "__main__":
                 metrics.update(val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
                                val_rule_acc=rule_accuracy(val_rules, val_records))
             log_metrics(log_path, **metrics)
-            tqdm.write(f"step {step:4d}/{max_steps} | held-out pair accuracy vs labelers {metrics['val_acc_labeler']:.3f}"
+            tqdm.write(f"step {step:4d}/{max_steps} | held-out pair accuracy vs "
+                       f"{'your labels' if args.pairs else 'labelers'} {metrics['val_acc_labeler']:.3f}"
                        + ("" if args.pairs else f" | vs gold {metrics['val_acc_gold']:.3f} | rule accuracy "
                           + " ".join(f"{v:.3f}" for v in metrics["val_rule_acc"].values())))
         if last_step:

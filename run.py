@@ -42,15 +42,16 @@ def stage_graph(args):
     """(folder, the stages it needs, script and arguments) for every stage, in a runnable order."""
     out, preset = args.out_dir, ["--preset", args.preset]
     tok = ["--tokenizer", f"{out}/tokenizer.json"]
-    data = ["data.py", "--out_dir", out] + (["--max_chars", "2000000", "--vocab_size", "2048"]
-                                            if args.preset == "quick" else [])
+    data = ["data.py", "--out_dir", out] + {"quick": ["--max_chars", "2000000", "--vocab_size", "2048"], "cpu": [],
+                                             "gpu": ["--corpus", "installed", "--block_size", "1024"]}[args.preset]
     sft = ["sft.py", *preset, *tok, "--init_from", f"{out}/pretrain_domain/ckpt.pt", "--docs_index",
            f"{out}/docs/index.json"]
     stages = [
         ("data", [], data),
         ("docs", [], ["tools.py", "--out_dir", f"{out}/docs"]),
         ("pretrain_generic", ["data"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/generic",
-                                        "--out_dir", f"{out}/pretrain_generic"]),
+                                        "--out_dir", f"{out}/pretrain_generic"]
+         + (["--max_steps", "100"] if args.preset == "gpu" else [])),  # the generic prose is 4x smaller
         ("pretrain_domain_scratch", ["data"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",
                                                "--out_dir", f"{out}/pretrain_domain_scratch"]),
         ("pretrain_domain", ["pretrain_generic"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",

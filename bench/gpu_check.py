@@ -43,8 +43,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# pretrain.py's gpu preset, the GPT-2-small shape, written out so that this script needs neither
-# tiktoken nor the data (tests/test_gpu_check.py checks they agree); our tokenizer's 4096 tokens
+# the benchmark shape for MFU, GPT-2 small (Radford et al. 2019), with our tokenizer's 4096 tokens;
+# written out so that this script needs neither tiktoken nor the data
 GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16)
 VOCAB = 4096
 TOKENS = 16384  # B * T in the attention sweep: every length does the same work per token
