@@ -1,8 +1,12 @@
 """Shared test setup. Without CUDA, Triton kernels run under Triton's interpreter on CPU tensors;
 the variable must be set before anything imports triton, so it is set here, first. Below: the
 fixtures several test files share (a tiny tokenizer, a tiny reward model taught a preference)."""
+import contextlib
+import io
 import os
 import random
+import runpy
+import signal
 import sys
 import sysconfig
 
@@ -19,6 +23,24 @@ from model import last_token_scores  # noqa: E402
 from reward import pairwise_loss  # noqa: E402
 
 STDLIB = sysconfig.get_paths()["stdlib"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *argv):
+    """A stage script run as `python script argv...` runs it, but in this process: a second Python
+    would spend longer importing torch than these tiny runs take. Returns (exit status or the
+    message it exited with, what it printed); an exception it raises reaches the test."""
+    printed, handler, saved_argv, status = io.StringIO(), signal.getsignal(signal.SIGINT), sys.argv, 0
+    try:
+        sys.argv = [script, *map(str, argv)]
+        with contextlib.redirect_stdout(printed):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGINT, handler)  # the script's Ctrl-C flag is its own, not pytest's
+    return status, printed.getvalue()
 
 
 def textwrap_docs():

@@ -5,20 +5,24 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "pretrain_generic", "pretrain_domain", "pretrain_domain_scratch", "sft", "reward", "ppo", "ppo_ptx")
+STAGES = ("data", "docs", "pretrain_generic", "pretrain_domain", "pretrain_domain_scratch", "sft", "sft_closed_book",
+          "reward", "ppo", "ppo_ptx", "grpo_tests", "examples")
 
 
 def test_quick_pipeline_runs_every_stage_and_reports(tmp_path):
-    cmd = [sys.executable, "run.py", "--preset", "quick", "--out_dir", str(tmp_path)]
+    cmd = [sys.executable, "run.py", "--preset", "quick", "--out_dir", str(tmp_path), "--jobs", "3"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in STAGES:
         assert (tmp_path / stage / "summary.json").exists(), stage
     report = (tmp_path / "REPORT.md").read_text()
-    for heading in ("## Data and tokenizer", "## Pretraining", "## Supervised fine-tuning",
-                    "## Reward models and best-of-n", "## RLHF with PPO"):
-        assert heading in report
-    ppo = json.loads((tmp_path / "ppo_ptx" / "summary.json").read_text())
-    assert ppo["ptx_coef"] > 0 and 0 <= ppo["win_rate_vs_sft"] <= 1
+    for heading in ("## The claims, in miniature", "## Data and tokenizer", "## Pretraining", "## Supervised fine-tuning",
+                    "## Grounding", "## Reward models and best-of-n", "## RLHF with PPO", "## Rewards you can verify",
+                    "## What the models write"):
+        assert heading in report, heading
+    assert all((tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
+               for name in ("pretrain", "sft", "reward", "best_of_n", "ppo", "variants"))
+    ptx = json.loads((tmp_path / "ppo_ptx" / "summary.json").read_text())
+    assert ptx["ptx_coef"] > 0 and len(ptx["labeler_wins"]) == len(ptx["sampled"]["passed"]) > 0
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # finished stages are skipped
     assert again.returncode == 0 and again.stdout.count("done already") == len(STAGES)

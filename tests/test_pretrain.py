@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from conftest import run_script
 from data import load_tokenizer, prose_of, save_tokenizer, train_bpe
 from model import GPT, GPTConfig, CheckpointError, load_checkpoint, save_checkpoint
 
@@ -54,21 +55,27 @@ def val_losses(out_dir):
         return [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
 
 
-def test_tiny_pretraining_lowers_validation_loss(prepared, tmp_path):
-    pretrain(prepared, tmp_path / "run", "--max_steps", "60", "--eval_interval", "30")
-    losses = val_losses(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    """One tiny pretraining run of 60 steps, shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    pretrain(prepared, out, "--max_steps", "60", "--eval_interval", "30")
+    return out
+
+
+def test_tiny_pretraining_lowers_validation_loss(trained):
+    losses = val_losses(trained)
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["tok_per_s"] > 0 and 0 < summary["mfu"] < 1
 
 
-def test_init_from_continues_the_parent_and_inherits_its_shape(prepared, tmp_path):
-    pretrain(prepared, tmp_path / "parent", "--max_steps", "20", "--eval_interval", "20")
+def test_init_from_continues_the_parent_and_inherits_its_shape(prepared, trained, tmp_path):
     result = pretrain(prepared, tmp_path / "child", "--max_steps", "1", "--eval_interval", "1",
-                      "--init_from", str(tmp_path / "parent" / "ckpt.pt"), "--n_layer", "3")
+                      "--init_from", str(trained / "ckpt.pt"), "--n_layer", "3")
     assert "model shape inherited" in result.stdout and "n_layer=1" in result.stdout
     # the child's first validation is the parent's last: same weights, same batches
-    assert val_losses(tmp_path / "child")[0] == pytest.approx(val_losses(tmp_path / "parent")[-1], abs=1e-6)
+    assert val_losses(tmp_path / "child")[0] == pytest.approx(val_losses(trained)[-1], abs=1e-6)
 
 
 def start_and_stop(cmd, log, n_lines, sig):
@@ -82,7 +89,7 @@ def start_and_stop(cmd, log, n_lines, sig):
 
 
 def test_kill_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path):
-    steps = ["--max_steps", "400", "--eval_interval", "100", "--save_interval", "50"]
+    steps = ["--max_steps", "160", "--eval_interval", "80", "--save_interval", "50"]
     pretrain(prepared, tmp_path / "straight", *steps)
     interrupted = tmp_path / "interrupted"
     cmd = [sys.executable, "pretrain.py", *TINY, "--data", str(prepared / "data" / "domain"), "--tokenizer",
@@ -92,13 +99,13 @@ def test_kill_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path
     assert start_and_stop(cmd, log, 80, signal.SIGKILL) == -signal.SIGKILL
     assert torch.load(interrupted / "ckpt.pt", weights_only=True)["step"] == 50
     # Ctrl-C: saves where it is and exits with 130
-    assert start_and_stop(cmd, log, 200, signal.SIGINT) == 130
+    assert start_and_stop(cmd, log, 110, signal.SIGINT) == 130
     stopped = torch.load(interrupted / "ckpt.pt", weights_only=True)
-    assert not stopped["finished"] and 80 <= stopped["step"] < 400
+    assert not stopped["finished"] and 80 <= stopped["step"] < 160
     pretrain(prepared, interrupted, *steps)
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(interrupted / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 400 and b["finished"]
+    assert a["step"] == b["step"] == 160 and b["finished"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert val_losses(tmp_path / "straight") == val_losses(interrupted)
@@ -112,8 +119,9 @@ def test_kill_interrupt_and_resume_equal_an_uninterrupted_run(prepared, tmp_path
     (["--init_from", "missing.pt"], "checkpoint not found"),
 ])
 def test_bad_command_lines_are_clear_errors(prepared, tmp_path, extra, message):
-    result = pretrain(prepared, tmp_path / "bad", "--max_steps", "1", *extra, check=False)
-    assert result.returncode != 0 and message in result.stderr
+    with pytest.raises(ValueError, match=message):  # CheckpointError is a ValueError
+        run_script("pretrain.py", *TINY, "--data", prepared / "data" / "domain", "--tokenizer",
+                   prepared / "tokenizer.json", "--out_dir", tmp_path / "bad", "--max_steps", "1", *extra)
 
 
 def test_empty_corpus_is_a_clear_error(tmp_path):

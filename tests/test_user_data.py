@@ -5,13 +5,11 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 import sft
-from conftest import STDLIB, textwrap_docs
+from conftest import STDLIB, run_script, textwrap_docs
 from data import (END, SFT_FACT_SEED, DataError, encode_chat, encode_conversation, encode_response, export_world,
                   fit_block, read_demos, read_pairs, read_prompts, split_held_out, write_tokens)
 from model import GPT, GPTConfig, save_checkpoint
@@ -155,12 +153,11 @@ def test_sft_reward_and_ppo_run_on_the_example(tmp_path, enc, tokenizer_path):
     (tmp_path / "generic" / "meta.json").write_text(json.dumps(dict(tokenizer=enc.name, dtype="uint16")))
 
     def stage(script, *flags):
-        cmd = [sys.executable, script, "--preset", "quick", "--tokenizer", str(tokenizer_path), "--device", "cpu",
-               "--out_dir", str(tmp_path / script[:-3]), *flags]
-        result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        status, out = run_script(script, "--preset", "quick", "--tokenizer", tokenizer_path, "--device", "cpu",
+                                 "--out_dir", tmp_path / script[:-3], *flags)
+        assert status in (0, None), (status, out[-2000:])
         with open(tmp_path / script[:-3] / "summary.json") as f:
-            return json.load(f), result.stdout
+            return json.load(f), out
 
     sft_summary, _ = stage("sft.py", "--demos", os.path.join(EXAMPLES, "demos.jsonl"), "--init_from",
                            str(tmp_path / "pretrain.pt"), "--max_steps", "10", "--max_new_tokens", "8")
