@@ -133,8 +133,8 @@ def peak_flops(device, pinned=None):
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name}, datasheet bf16 peak"
-    machine = f"{device.type} {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()} " \
-              f"{platform.node()} threads={torch.get_num_threads()} torch={torch.__version__}"
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    machine = f"{device.type} {chip} {platform.node()} threads={torch.get_num_threads()} torch={torch.__version__}"
     try:
         with open(PEAK_CACHE) as f:
             cache = json.load(f)

@@ -461,7 +461,8 @@ def load_checkpoint(path, stages, tokenizer=None, device="cpu"):
         raise CheckpointError(f"{path} is not a checkpoint written by this project")
     if ckpt["stage"] not in stages:
         raise CheckpointError(f"{path} is a '{ckpt['stage']}' checkpoint; this needs one of {tuple(stages)}")
-    if tokenizer is not None and (ckpt["tokenizer"]["name"], ckpt["tokenizer"]["n_vocab"]) != (tokenizer.name, tokenizer.n_vocab):
+    made_with = (ckpt["tokenizer"]["name"], ckpt["tokenizer"]["n_vocab"])
+    if tokenizer is not None and made_with != (tokenizer.name, tokenizer.n_vocab):
         raise CheckpointError(
             f"{path} was trained with tokenizer {ckpt['tokenizer']['name']} ({ckpt['tokenizer']['n_vocab']} tokens), "
             f"but the current tokenizer is {tokenizer.name} ({tokenizer.n_vocab} tokens): another vocabulary")

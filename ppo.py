@@ -278,7 +278,8 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/ppo", help="checkpoint, log and summary go here")
     # rollouts
-    parser.add_argument("--iterations", type=nonneg_int, help="rollout-then-update iterations (0: judge the SFT policy)")
+    parser.add_argument("--iterations", type=nonneg_int, help="rollout-then-update iterations (0: judge the SFT "
+                        "policy)")
     parser.add_argument("--rollout_batch", type=positive_int, help="responses per iteration")
     parser.add_argument("--group_size", type=positive_int, default=1, help="responses per prompt (grpo: the group)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, used in "
@@ -358,7 +359,7 @@ if __name__ == "__main__":
               f"passes), {len(eval_prompts)} held out, {n_skipped} skipped; no hidden tests: the reward model alone")
     else:
         prompt_pool = prompt_set("ppo_train", n_pool, args.seed)
-    generic_train, generic_val = load_tokens(args.generic_data, "train", enc), load_tokens(args.generic_data, "val", enc)
+    generic_train, generic_val = (load_tokens(args.generic_data, split, enc) for split in ("train", "val"))
 
     # -----------------------------------------------------------------------------
     # models: all with dropout off (it would make old and new log-probs disagree)
@@ -532,7 +533,8 @@ if __name__ == "__main__":
                    ms_rollout=(t1 - t0) * 1000, ms_score=(t2 - t1) * 1000, ms_update=(t3 - t2) * 1000)
         if value_model is not None:
             flat_returns, flat_values = returns[mask.bool()], old_values[mask.bool()]
-            row["explained_var"] = (1 - torch.var(flat_returns - flat_values) / torch.var(flat_returns).clamp(min=1e-8)).item()
+            unexplained = torch.var(flat_returns - flat_values) / torch.var(flat_returns).clamp(min=1e-8)
+            row["explained_var"] = (1 - unexplained).item()
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "
                    + ("" if evals is None else f"pass {row['pass_rate']:.2f} | ") +
@@ -572,7 +574,8 @@ if __name__ == "__main__":
         print(f"held-out prompts ({len(prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
               f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length "
               f"{fmean(summary['response_len']):.1f} tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic "
-              f"val loss {fmean(generic_before):.4f} -> {fmean(summary['generic_val_losses_after']):.4f}\nnot available: "
+              f"val loss {fmean(generic_before):.4f} -> {fmean(summary['generic_val_losses_after']):.4f}\n"
+              "not available: "
               + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "\nexample:\n" + summary["examples"][0])
         raise SystemExit(0)
 
@@ -598,7 +601,8 @@ if __name__ == "__main__":
         kls = kl_per_response([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
     summary = dict(sampled={k: ours["sampled"][k] for k in ("passed", "utility", "violated", "hacked")},
                    greedy_passed=ours["greedy"]["passed"], labeler_wins=labeler_wins, noiseless_wins=noiseless_wins,
-                   kl=kls, generic_val_losses_before=generic_before, generic_val_losses_after=generic_val_losses(policy),
+                   kl=kls, generic_val_losses_before=generic_before,
+                   generic_val_losses_after=generic_val_losses(policy),
                    eval_set=args.eval_set, n_eval=args.n_eval, eval_samples=n, sft_samples=n_sft, reward=args.reward,
                    advantage=args.advantage, ptx_coef=args.ptx_coef, beta=args.beta, kl_target=args.kl_target,
                    seconds=t_phase, train_seconds=sum(t_phase.values()), eval_seconds=time.time() - t0,

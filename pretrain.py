@@ -227,7 +227,8 @@ if __name__ == "__main__":
             log_metrics(log_path, step=step, loss=loss_value, lr=lr, grad_norm=norm.item(), ms=dt * 1000,
                         tok_per_s=tok_per_s, mfu=mfu)
             tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.1e} | "
-                       f"norm {norm.item():6.3f} | {dt * 1000:7.1f} ms | {tok_per_s:9,.0f} tok/s | mfu {mfu * 100:5.1f}%")
+                       f"norm {norm.item():6.3f} | {dt * 1000:7.1f} ms | {tok_per_s:9,.0f} tok/s | "
+                       f"mfu {mfu * 100:5.1f}%")
 
     # -----------------------------------------------------------------------------
     # summary
@@ -236,7 +237,8 @@ if __name__ == "__main__":
     if not master:
         raise SystemExit(0)
     median = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    summary = dict(val_loss=val, val_losses=val_batches, steps=args.max_steps, tokens=args.max_steps * args.total_batch_tokens,
+    summary = dict(val_loss=val, val_losses=val_batches, steps=args.max_steps,
+                   tokens=args.max_steps * args.total_batch_tokens,
                    params=raw_model.num_params(), tok_per_s=args.total_batch_tokens / median,
                    mfu=flops_per_step / median / (peak * world), peak_flops=peak, peak_source=peak_source,
                    train_seconds=elapsed, ranks=world, init_from=args.init_from,

@@ -370,7 +370,8 @@ if __name__ == "__main__":
                    val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
                    val_rule_acc=rule_accuracy(val_rules, val_records), normalization=offset,
                    n_train_prompts=len(train_records), n_val_prompts=len(val_records), k=args.k, epochs=args.epochs,
-                   data_seconds=data_seconds, rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
+                   data_seconds=data_seconds,
+                   rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
                    train_seconds=train_seconds, best_of_n=rows, best_of_n_seconds=time.time() - t0)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"reward model: held-out pair accuracy {summary['val_acc_labeler']:.1%} vs labelers, "

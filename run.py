@@ -58,7 +58,8 @@ def stage_graph(args):
                                                    "--init_from", f"{out}/pretrain_generic/ckpt.pt",
                                                    "--out_dir", f"{out}/pretrain_domain"]),
         ("sft", ["pretrain_domain", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
-        ("sft_closed_book", ["pretrain_domain", "docs"], [*sft, "--tools", "0", "--out_dir", f"{out}/sft_closed_book"]),
+        ("sft_closed_book", ["pretrain_domain", "docs"], [*sft, "--tools", "0", "--eval", "facts",
+                                                          "--out_dir", f"{out}/sft_closed_book"]),
         ("reward", ["sft"], ["reward.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--out_dir", f"{out}/reward"]),
     ]
     for name, (flags, default) in PPO_RUNS.items():
@@ -218,7 +219,8 @@ def claims(out, r):
     gold_pairs = rw["val_pairs_gold"]
     low, high = bootstrap_ci([c - 0.5 for _, c in gold_pairs], [p for p, _ in gold_pairs])
     rows.append(("a reward model learns human comparisons (InstructGPT)",
-                 f"held-out pairwise accuracy vs the gold order {interval([c for _, c in gold_pairs], [p for p, _ in gold_pairs])}"
+                 "held-out pairwise accuracy vs the gold order "
+                 f"{interval([c for _, c in gold_pairs], [p for p, _ in gold_pairs])}"
                  f", vs the labelers {pct(rw['val_acc_labeler'])}; labelers agree with the gold on "
                  f"{pct(rw['labeler_agreement'])}", verdict(low, high)))
     ppo, ptx = r["ppo_runs"]["ppo"], r["ppo_runs"]["ppo_ptx"]
@@ -250,7 +252,8 @@ def claims(out, r):
     low2, high2 = diff_interval(bon[n_best]["utility"], bon[n_max]["utility"])
     rows.append(("more samples reranked by a reward model help, then overoptimize (Gao et al.)",
                  "gold utility by n: " + ", ".join(f"{k}: {fmean(v['utility']):+.3f}" for k, v in bon.items())
-                 + f"; the proxy rises to {bon[n_max]['proxy_reward']:+.3f}; n={n_best} vs 1 [{low1:+.3f}, {high1:+.3f}],"
+                 + f"; the proxy rises to {bon[n_max]['proxy_reward']:+.3f}; n={n_best} vs 1 "
+                 f"[{low1:+.3f}, {high1:+.3f}],"
                  f" vs {n_max} [{low2:+.3f}, {high2:+.3f}]", verdict(min(low1, low2)) if n_best < n_max else
                  "not shown at this size"))
     tool, closed = r["sft"]["facts"], r["sft_closed_book"]["facts"]
@@ -265,7 +268,8 @@ def claims(out, r):
         low, high = diff_interval(grpo["sampled"]["passed"], ppo["sampled"]["passed"], groups)
         rows.append(("(beyond the seed) a learned reward teaches what it can judge; tests teach correctness",
                      f"sampled test pass@1: GRPO on the tests {interval(grpo['sampled']['passed'], groups)} vs PPO on "
-                     f"the RM {interval(ppo['sampled']['passed'], groups)} (SFT {pct(fmean(r['sft']['test']['sampled']['passed']))})",
+                     f"the RM {interval(ppo['sampled']['passed'], groups)} "
+                     f"(SFT {pct(fmean(r['sft']['test']['sampled']['passed']))})",
                      verdict(low, high)))
     lines = ["## The claims, in miniature", "",
              "Each comparison with its 95% bootstrap interval over prompts (or validation batches). A claim "
@@ -277,14 +281,16 @@ def claims(out, r):
 def report_pretraining(out, r, timings):
     data = read_json(f"{out}/data/summary.json")
     lines = ["## Data and tokenizer", "",
-             f"Tokenizer `{data['tokenizer']}`, trained in {data.get('tokenizer_seconds', '?')} s (`python data.py`).", "",
+             f"Tokenizer `{data['tokenizer']}`, trained in {data.get('tokenizer_seconds', '?')} s "
+             "(`python data.py`).", "",
              "| corpus | split | documents | MB | tokens | bytes/token |", "|---|---|---|---|---|---|"]
     for name, meta in data["corpora"].items():
         lines += [f"| {name} | {split} | {meta[split]['documents']} | {meta[split]['bytes'] / 1e6:.2f} | "
                   f"{meta[split]['tokens']:,} | {meta[split]['bytes'] / meta[split]['tokens']:.2f} |"
                   for split in ("train", "val")]
     lines += ["", "## Pretraining: generic, then domain (both starts)", "",
-              "| run | init | steps | tokens | final val loss | tok/s | MFU | wall |", "|---|---|---|---|---|---|---|---|"]
+              "| run | init | steps | tokens | final val loss | tok/s | MFU | wall |",
+              "|---|---|---|---|---|---|---|---|"]
     for name in ("pretrain_generic", "pretrain_domain", "pretrain_domain_scratch"):
         s = r[name]
         lines.append(f"| {name} | {'generic ckpt' if s['init_from'] else 'scratch'} | {s['steps']} | {s['tokens']:,} | "
@@ -293,7 +299,8 @@ def report_pretraining(out, r, timings):
     s = r["pretrain_generic"]
     warm, cold = val_curve(f"{out}/pretrain_domain"), val_curve(f"{out}/pretrain_domain_scratch")
     reached = steps_to_reach(warm, cold[max(cold)])
-    lines += ["", f"Device: {s['device']}; MFU = model FLOPs per token x tokens/s / {s['peak_flops'] / 1e12:.3f} TFLOP/s "
+    lines += ["", f"Device: {s['device']}; MFU = model FLOPs per token x tokens/s / "
+              f"{s['peak_flops'] / 1e12:.3f} TFLOP/s "
               f"({s.get('peak_source', 'measured')}).", "",
               f"Domain validation loss, the same steps and batches from both starts. The generic start reaches the "
               f"scratch run's final loss ({cold[max(cold)]:.4f}) at step {reached} of {max(cold)}"
@@ -316,18 +323,23 @@ def report_sft(out, r, timings):
             f"pool no stage trains on ({s['unseen_overlap']} of them are among SFT's demonstrations).", "",
             "| model | test, greedy | test, sampled | held-out phrasings | unseen prompts |", "|---|---|---|---|---|",
             f"| domain model, prompted {s['n_shots']}-shot | {interval(s['few_shot_base']['passed'])} | | | |",
-            f"| SFT | {interval(test['greedy']['passed'])} | {interval(test['sampled']['passed'], per_prompt(len(test['sampled']['passed']), s['n_samples']))} | "
-            f"{interval(s['test_phrase']['greedy']['passed'])} | {interval(s['unseen_train']['greedy']['passed'])} |", "",
+            f"| SFT | {interval(test['greedy']['passed'])} | "
+            f"{interval(test['sampled']['passed'], per_prompt(len(test['sampled']['passed']), s['n_samples']))} | "
+            f"{interval(s['test_phrase']['greedy']['passed'])} | {interval(s['unseen_train']['greedy']['passed'])} |",
+            "",
             "Unbiased pass@k (Chen et al. 2021) from those samples, and the sample with the highest mean token "
             "log-probability against a random pick:", "",
             "| k | " + " | ".join(str(k) for k in ks) + " |", "|---" * (len(ks) + 1) + "|",
             "| pass@k | " + " | ".join(pct(v) for v in ks.values()) + " |", "",
-            f"Reranked by mean log-probability: pass@1 {interval(test['reranked_passed'])}, against {pct(ks['1'])} for a "
+            f"Reranked by mean log-probability: pass@1 {interval(test['reranked_passed'])}, against {pct(ks['1'])} "
+            "for a "
             "random pick.", "",
-            f"Demonstrations: flaw rate {pct(d['flaw_rate'])} (configured {pct(d['flaw_rate_config'])}); they pass their "
+            f"Demonstrations: flaw rate {pct(d['flaw_rate'])} (configured {pct(d['flaw_rate_config'])}); they pass "
+            "their "
             f"tests {pct(d['pass_rate'])} of the time and break a rule {pct(d['violation_rate'])} of the time. The SFT "
             f"model breaks a rule in {pct(test['sampled']['violation_rate'])} of its samples and "
-            f"{pct(test['greedy']['violation_rate'])} of its greedy answers. {s['n_facts']} factual demonstrations were "
+            f"{pct(test['greedy']['violation_rate'])} of its greedy answers. {s['n_facts']} factual demonstrations "
+            "were "
             f"mixed in (the toolset, below).", "", "![SFT loss](figures/sft.png)", "",
             f"SFT training {s['train_seconds']:.0f} s, evaluation {s['eval_seconds']:.0f} s (stage wall time "
             f"{timings.get('sft', math.nan):.0f} s).", ""]
@@ -339,7 +351,8 @@ def report_tools(out, r):
              f"{len(tool['right'])} factual questions about held-out standard-library modules (files in no pretraining "
              "text) and multi-digit arithmetic, greedy answers. Both models were fine-tuned on the same programming "
              f"demonstrations and the same {r['sft']['n_facts']} factual questions for the same steps; one saw answers "
-             "that look the fact up and quote it, the other the same answers without the lookup. Right: the stated fact "
+             "that look the fact up and quote it, the other the same answers without the lookup. Right: the stated "
+             "fact "
              "is exact. Attributable: the quote occurs verbatim in the right entry's documentation (or is the "
              "calculator's result).", "",
              "| model | right | attributable | tool calls per answer | a lookup found the right entry |",
@@ -381,14 +394,16 @@ def report_reward(out, r):
         pairs = s[key]
         lines.append(f"| reward model, held-out pairwise accuracy vs {what} | "
                      f"{interval([c for _, c in pairs], [p for p, _ in pairs])} |")
-    lines += [f"| rule model accuracy vs the gold checker: {rule} | {pct(acc)} |" for rule, acc in s["val_rule_acc"].items()]
+    lines += [f"| rule model accuracy vs the gold checker: {rule} | {pct(acc)} |"
+              for rule, acc in s["val_rule_acc"].items()]
     if s["rollouts_per_s"]:
         lines.append(f"| comparison data: SFT samples + sandbox + labels per second | {s['rollouts_per_s']:.1f} |")
     lines += [f"| reward-model training | {s['train_seconds']:.0f} s |", "", "![reward model](figures/reward.png)", "",
               "Best-of-n over the SFT model's own test samples (the same samples as the SFT rows below): drop samples "
               "the rule model flags, keep the highest preference score.", "",
               "| n | proxy reward (RM) | gold utility | pass@1 | rule violations |", "|---|---|---|---|---|"]
-    lines += [f"| {row['n']} | {row['proxy_reward']:+.3f} | {interval(row['utility'], scale=1, digits=3, signed=True)} | "
+    lines += [f"| {row['n']} | {row['proxy_reward']:+.3f} | "
+              f"{interval(row['utility'], scale=1, digits=3, signed=True)} | "
               f"{interval(row['passed'])} | {interval(row['violated'])} |" for row in s["best_of_n"]]
     return lines + ["", "![best-of-n](figures/best_of_n.png)", ""]
 
@@ -397,7 +412,8 @@ def policy_row(name, run, sft_groups, seconds=True):
     """One RL run's row: sampled and greedy pass@1, utility, violations, KL, win rates, hack rate."""
     groups = per_prompt(len(run["sampled"]["passed"]), run["eval_samples"])
     return (f"| {name} | {interval(run['sampled']['passed'], groups)} | {interval(run['greedy_passed'])} | "
-            f"{interval(run['sampled']['utility'], groups, 1, 3, True)} | {interval(run['sampled']['violated'], groups)} | "
+            f"{interval(run['sampled']['utility'], groups, 1, 3, True)} | "
+            f"{interval(run['sampled']['violated'], groups)} | "
             f"{fmean(run['kl']):.2f} | {interval(run['labeler_wins'], groups)} | "
             f"{interval(run['noiseless_wins'], groups)} | {interval(run['sampled']['hacked'], groups)} |"
             + (f" {run['train_seconds']:.0f} s |" if seconds else ""))
@@ -406,7 +422,8 @@ def policy_row(name, run, sft_groups, seconds=True):
 def sft_row(r, seconds=True):
     samples, n = r["sft_samples"]["samples"], r["sft_samples"]["n_samples"]
     groups = per_prompt(len(samples), n)
-    return (f"| SFT | {interval([s['passed'] for s in samples], groups)} | {interval(r['sft']['test']['greedy']['passed'])} | "
+    return (f"| SFT | {interval([s['passed'] for s in samples], groups)} | "
+            f"{interval(r['sft']['test']['greedy']['passed'])} | "
             f"{interval([s['utility'] for s in samples], groups, 1, 3, True)} | "
             f"{interval([s['violated'] for s in samples], groups)} | 0 | 50% | 50% | "
             f"{interval([s['hacked'] for s in samples], groups)} |" + (" |" if seconds else ""))
@@ -420,31 +437,37 @@ def report_ppo(out, r):
     runs, bon = r["ppo_runs"], r["reward"]["best_of_n"][-1]
     ppo, ptx = runs["ppo"], runs["ppo_ptx"]
     lines = ["## RLHF with PPO", "",
-             f"{ppo['n_eval']} test prompts, {ppo['eval_samples']} samples each at T=1 (SFT: its {r['sft_samples']['n_samples']} "
-             "samples per prompt, the same that best-of-n reranks), judged by the gold judge. Each sample meets the SFT "
+             f"{ppo['n_eval']} test prompts, {ppo['eval_samples']} samples each at T=1 (SFT: its "
+             f"{r['sft_samples']['n_samples']} samples per prompt, the same that best-of-n reranks), judged by the "
+             "gold judge. Each sample meets the SFT "
              "sample of the same index for the same prompt: the simulated labelers (the reward model's noise model, "
-             "fresh draws) judge the headline win rate; the noiseless judge (ties half) is beside it. KL to SFT in nats "
+             "fresh draws) judge the headline win rate; the noiseless judge (ties half) is beside it. KL to SFT in "
+             "nats "
              "per response on the policy's samples; for best-of-n the analytic value log n - (n-1)/n, which Beirami "
              "et al. (2024) show is an upper bound. Hacked: passes the hidden tests, fails fresh ones.", "",
              HEADER, "|---" * 9 + "|", sft_row(r, seconds=False),
              f"| best-of-{bon['n']} (the SFT samples) | {interval(bon['passed'])} | | "
              f"{interval(bon['utility'], scale=1, digits=3, signed=True)} | {interval(bon['violated'])} | "
              f"<= {math.log(bon['n']) - (bon['n'] - 1) / bon['n']:.2f} | | | |",
-             policy_row("PPO (ptx 0)", ppo, None, seconds=False), policy_row("PPO-ptx (ptx 1)", ptx, None, seconds=False),
+             policy_row("PPO (ptx 0)", ppo, None, seconds=False),
+             policy_row("PPO-ptx (ptx 1)", ptx, None, seconds=False),
              "", "Generic-text validation loss (what PPO-ptx protects), over the same 16 batches of windows:", "",
              "| run | before (the SFT model) | after |", "|---|---|---|"]
     lines += [f"| {name} | {interval(s['generic_val_losses_before'], scale=1, digits=3)} | "
-              f"{interval(s['generic_val_losses_after'], scale=1, digits=3)} |" for name, s in (("ppo", ppo), ("ppo_ptx", ptx))]
+              f"{interval(s['generic_val_losses_after'], scale=1, digits=3)} |"
+              for name, s in (("ppo", ppo), ("ppo_ptx", ptx))]
     log = [row for row in read_log(f"{out}/ppo/log.jsonl") if "score" in row]
     lines += ["", "![PPO curves](figures/ppo.png)", "", "PPO training curves (rollout batch means):", "",
               "| iteration | score | RM score | pass rate | KL | response length | clip frac | explained var |",
               "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {x['iteration']} | {x['score']:+.3f} | {x['rm_score']:+.3f} | {pct(x['pass_rate'])} | {x['kl']:.3f} | "
+    lines += [f"| {x['iteration']} | {x['score']:+.3f} | {x['rm_score']:+.3f} | {pct(x['pass_rate'])} | "
+              f"{x['kl']:.3f} | "
               f"{x['response_len']:.1f} | {x['clip_frac']:.3f} | {x['explained_var']:+.2f} |" for x in thin(log)]
     t = ppo["seconds"]
     total = sum(t.values())
-    return lines + ["", f"PPO time: {ppo['iterations']} iterations, {ppo['episodes']} episodes in {total:.0f} s: rollout "
-                        f"{pct(t['rollout'] / total)}, scoring {pct(t['score'] / total)}, update {pct(t['update'] / total)}.", ""]
+    return lines + ["", f"PPO time: {ppo['iterations']} iterations, {ppo['episodes']} episodes in {total:.0f} s: "
+                        f"rollout {pct(t['rollout'] / total)}, scoring {pct(t['score'] / total)}, update "
+                        f"{pct(t['update'] / total)}.", ""]
 
 
 VARIANTS = {"ppo": "PPO, reward model", "ppo_tests": "PPO, tests", "ppo_both": "PPO, RM + tests",
@@ -465,7 +488,8 @@ def report_variants(out, r):
     lines += [policy_row(VARIANTS[name] + ("" if PPO_RUNS[name][1] else " *"), run, None) for name, run in runs.items()]
     best = max(runs, key=lambda name: fmean(runs[name]["sampled"]["passed"]))
     low, high = diff_interval(runs[best]["sampled"]["passed"], ppo["sampled"]["passed"], groups)
-    finding = (f"{VARIANTS[best]} raises the sampled test pass@1 most, to {pct(fmean(runs[best]['sampled']['passed']))} "
+    finding = (f"{VARIANTS[best]} raises the sampled test pass@1 most, to "
+               f"{pct(fmean(runs[best]['sampled']['passed']))} "
                f"against {pct(fmean(ppo['sampled']['passed']))} for PPO on the reward model (difference "
                f"[{low * 100:+.1f}, {high * 100:+.1f}] points)" if best != "ppo" else
                "PPO on the reward model has the highest sampled test pass@1 of these runs")
@@ -474,14 +498,16 @@ def report_variants(out, r):
               "", "![reward and pass rate over iterations](figures/variants.png)", ""]
     if "ppo_adaptive_kl" in runs:
         log = [row for row in read_log(f"{out}/ppo_adaptive_kl/log.jsonl") if "beta" in row]
-        lines += [f"The adaptive KL controller (Ziegler et al.'s reference form, target {runs['ppo_adaptive_kl']['kl_target']}"
-                  f" nats, horizon 640 samples) moved beta from {log[0]['beta']:.3f} to {log[-1]['beta']:.3f} while the "
+        lines += ["The adaptive KL controller (Ziegler et al.'s reference form, target "
+                  f"{runs['ppo_adaptive_kl']['kl_target']} nats, horizon 640 samples) moved beta from "
+                  f"{log[0]['beta']:.3f} to {log[-1]['beta']:.3f} while the "
                   f"rollout KL went from {log[0]['kl']:.3f} to {log[-1]['kl']:.3f} nats.", ""]
     dev = {name: r["ppo_runs"][name] for name in ("ppo_dev_beta0.05", "ppo_dev_beta0.15") if name in r["ppo_runs"]}
     if dev:
         lines += ["Choosing beta on the dev prompts (the test prompts never chose a setting):", "",
                   "| beta | pass@1, sampled | gold utility | KL to SFT | win rate, labelers |", "|---|---|---|---|---|"]
-        lines += [f"| {run['beta']} | {pct(fmean(run['sampled']['passed']))} | {fmean(run['sampled']['utility']):+.3f} | "
+        lines += [f"| {run['beta']} | {pct(fmean(run['sampled']['passed']))} | "
+                  f"{fmean(run['sampled']['utility']):+.3f} | "
                   f"{fmean(run['kl']):.2f} | {pct(fmean(run['labeler_wins']))} |" for run in dev.values()]
         lines.append("")
     return lines
@@ -491,14 +517,16 @@ def report_examples(out):
     """What the models write: the same held-out requests answered by each model (chat.py --json)."""
     ex = read_json(f"{out}/examples/summary.json")
     lines = ["## What the models write", "",
-             "The same held-out test requests, chosen once by name (" + ", ".join(EXAMPLE_TASKS) + "), answered greedily "
-             "by each model through `chat.py` (the domain model prompted few-shot), each with the reward model's score, "
+             "The same held-out test requests, chosen once by name (" + ", ".join(EXAMPLE_TASKS) + "), answered "
+             "greedily by each model through `chat.py` (the domain model prompted few-shot), each with the reward "
+             "model's score, "
              "the rule model's flags and the hidden tests' verdict.", ""]
     for request in ex["requests"]:
         lines += [f"**{request['request']}**", ""]
         for a in request["answers"]:
             gold, flags = a.get("gold", {}), [k for k, p in a.get("rules", {}).items() if p > 0.5]
-            lines += [f"{a['model']}: tests **{gold.get('result', '?')}**, utility {gold.get('utility', math.nan):+.3f}, "
+            lines += [f"{a['model']}: tests **{gold.get('result', '?')}**, utility "
+                      f"{gold.get('utility', math.nan):+.3f}, "
                       f"reward {a.get('reward', math.nan):+.3f}, rule flags: {', '.join(flags) or 'none'}", "",
                       "```python", (a.get("code") or a["text"]).rstrip(), "```", ""]
     return lines
@@ -595,7 +623,8 @@ def write_report(args, timings, elapsed):
     change = what_ppo_changed(r)
     if change:
         lines += [f"What PPO changed, on one test prompt ({change[0]}): the SFT model's first sample, then PPO's.", "",
-                  "```python", change[1]["text"].rstrip(), "```", "", "```python", change[2]["text"].rstrip(), "```", ""]
+                  "```python", change[1]["text"].rstrip(), "```", "",
+                  "```python", change[2]["text"].rstrip(), "```", ""]
     lines += ["## Time", "", "| stage | wall time |", "|---|---|"]
     lines += [f"| {name} | {seconds:.0f} s |" for name, seconds in timings.items()]
     with open(os.path.join(out, "REPORT.md"), "w") as f:

@@ -109,6 +109,8 @@ if __name__ == "__main__":
     parser.add_argument("--n_shots", type=positive_int, default=2, help="worked examples in the base model's prompt")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest answer in the evaluation")
     parser.add_argument("--n_fact_eval", type=positive_int, help="held-out factual questions in the evaluation")
+    parser.add_argument("--eval", default="all", choices=("all", "facts"), help="the whole evaluation, or the factual "
+                        "questions alone (the closed-book baseline's)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--seed", type=int, default=1337, help="seeds demonstrations and batches")
@@ -277,6 +279,15 @@ if __name__ == "__main__":
     fact_questions = make_questions(docs, "heldout", args.n_fact_eval, args.seed + FACT_EVAL_SEED)
     fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
                                                                            for q in fact_questions))
+    if args.eval == "facts":  # the closed-book baseline: only the questions it is a baseline for
+        with autocast:
+            facts_result = evaluate_facts(model, enc, docs, fact_questions, fact_tokens)
+        write_json(os.path.join(args.out_dir, "summary.json"), dict(
+            facts=facts_result, n_facts=len(facts), tools=args.tools, train_seconds=train_seconds,
+            eval_seconds=time.time() - t0))
+        print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
+              f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
+        raise SystemExit(0)
     with autocast:
         test, samples = evaluate_policy(model, enc, test_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)
         results = dict(
@@ -300,7 +311,8 @@ if __name__ == "__main__":
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     facts_result = results["facts"]
     print(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
-          f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked {test['pass1_reranked_logp']:.1%} | "
+          f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
+          f"{test['pass1_reranked_logp']:.1%} | "
           f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations "
           f"{test['sampled']['violation_rate']:.1%}")
     print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
