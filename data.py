@@ -418,6 +418,10 @@ def chat_batch(examples, pad_id, device):
     return x[:, :-1].to(device), y[:, 1:].to(device)
 
 
+TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}|"
+                             f"{regex.escape(RESULT)}(.*?){regex.escape(RESULT_END)}", regex.S)
+
+
 def segments(text):
     """A response's decoded text back into encode_response's segments: its tool calls and results,
     written out with their special tokens, become call and result segments again."""
@@ -429,22 +433,18 @@ def segments(text):
     return out
 
 
-TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}|"
-                             f"{regex.escape(RESULT)}(.*?){regex.escape(RESULT_END)}", regex.S)
-
 # -----------------------------------------------------------------------------
-# your own data: JSON Lines in the formats of Hugging Face TRL and datasets (OpenRLHF reads them too), a
-# record per line, other fields ignored. Each record becomes a conversation, the (request, response) turns
-# that encode_conversation takes.
+# your own data: JSON Lines, a record per line, in the formats of Hugging Face TRL (other fields are ignored)
 #   demonstrations (sft.py --demos):      {"prompt": "...", "completion": "..."}, or {"messages": [...]}
 #   preference pairs (reward.py --pairs): {"prompt": "...", "chosen": "...", "rejected": "..."}
 #   RL prompts (ppo.py --prompts):        {"prompt": "..."}
-# A message is {"role": "system", "user", "assistant" or "tool", "content": "..."}. Wherever a string stands,
-# a list of messages may (TRL's conversational form); without a prompt, chosen and rejected are whole
-# conversations. A system message, first, is put before the first request (the chat format has no system
-# role). An assistant's tool call, {"tool_calls": [{"type": "function", "function": {"name": "lookup",
-# "arguments": {"query": "json.dumps"}}}]}, and the tool's answer, {"role": "tool", "content": "..."}, become
-# the segments <|call|>lookup: json.dumps<|/call|> and <|result|>...<|/result|> of tools.py's toolset.
+# A message is {"role": "user" or "assistant", "content": "..."}, the two taking turns, the user first; the
+# chat format has no system role, so a first system message's text goes before the first request. A prompt and
+# its response may also be two lists of messages, and an RL prompt one list that ends with the user's (TRL's
+# conversational form). Each record becomes the (request, response) turns encode_conversation takes, so the
+# loss is on every assistant turn. A response is read as the model writes it, a tool call and its result in
+# the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments); that is how --export
+# writes the world's factual demonstrations. TRL's tool_calls and tool messages are not read.
 
 SFT_FACT_SEED = 50  # sft.py's FACT_SEED, for the export (tests/test_user_data.py checks that they agree)
 
@@ -454,140 +454,82 @@ class DataError(ValueError):
 
 
 def read_jsonl(path):
-    """(line number, record) for each non-blank line of a JSON Lines file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"not found: {path}")
+    """("path:line", record) for each non-blank line of a JSON Lines file."""
     records = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+    with open(path, "rb") as f:  # bytes: json.loads decodes each line, so a bad byte is an error at its line
+        for n, line in enumerate(f, 1):
+            if not line.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{n}: not UTF-8 text") from None
-            except ValueError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e})") from None
+                record = json.loads(line)
+            except ValueError as e:  # a UnicodeDecodeError is a ValueError too
+                raise DataError(f"{path}:{n}: not JSON in UTF-8 ({e})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{n}: a record is a JSON object {{...}}, not {type(record).__name__}")
-            records.append((n, record))
+            records.append((f"{path}:{n}", record))
     if not records:
         raise DataError(f"{path} is empty: no records")
     return records
 
 
-def _call_text(call, where):
-    """A tool call in TRL's form as the text of a call segment, 'NAME: ARGUMENT'."""
-    fn = call.get("function") if isinstance(call, dict) else None
-    fn = fn if isinstance(fn, dict) else {}
-    args = fn.get("arguments")
-    try:
-        args = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        args = None
-    if not isinstance(fn.get("name"), str) or not isinstance(args, dict) or len(args) != 1 \
-            or not isinstance(next(iter(args.values())), str):
-        raise DataError(f'{where}: a tool call names the tool and passes it one string, as in {{"type": "function", '
-                        f'"function": {{"name": "lookup", "arguments": {{"query": "json.dumps"}}}}}}')
-    return f"{fn['name']}: {next(iter(args.values()))}"
-
-
-def _turns(messages, where, open_end=False):
-    """Messages as (request, response) turns, a response as text or as segments; with open_end (a prompt) the
-    last message is the user's and its response is None."""
+def read_turns(messages, where, open_end=False):
+    """A list of messages as (request, response) turns, each response as segments; with open_end (an RL
+    prompt) the user has the last word and the last response is None."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: want a non-empty list of messages")
-    turns, system = [], ""
+    n_system = int(isinstance(messages[0], dict) and messages[0].get("role") == "system")  # 0 or 1
     for i, m in enumerate(messages):
-        at, m = f"{where}: message {i + 1}", m if isinstance(m, dict) else {}
-        role, content, calls = m.get("role"), m.get("content"), m.get("tool_calls") or []
-        content = "" if content is None and calls else content
-        if role not in ("system", "user", "assistant", "tool") or not isinstance(content, str):
-            raise DataError(f'{at}: want {{"role": "system", "user", "assistant" or "tool", "content": "..."}}, '
-                            f'got {json.dumps(m, ensure_ascii=False)[:80]}')
-        if role == "system":
-            if i:
-                raise DataError(f"{at}: a system message comes first, or not at all")
-            system = content + "\n\n"
-        elif role == "user":
-            turns.append((system + content, []))
-            system = ""
-        elif not turns:
-            raise DataError(f"{at}: the {role} speaks before the user")
-        elif role == "tool":
-            if not turns[-1][1] or turns[-1][1][-1][0] != "call":
-                raise DataError(f"{at}: a tool message answers the assistant's tool call just before it")
-            turns[-1][1].append(("result", content))
-        elif not isinstance(calls, list) or len(calls) > 1:
-            raise DataError(f"{at}: one tool call per message (the engine runs a call as soon as it is written)")
-        else:
-            turns[-1][1].extend(([("text", content)] if content or not calls else []) +
-                                [("call", _call_text(c, at)) for c in calls])
-    for n, (_, reply) in enumerate(turns):
-        if open_end and n == len(turns) - 1:
-            if reply:
-                raise DataError(f"{where}: a prompt ends with the user's message, not the assistant's")
-        elif not reply:
-            raise DataError(f"{where}: the user's message of turn {n + 1} has no assistant answer after it")
-        kinds = [k for k, _ in reply]
-        if any(k == "call" and kinds[j + 1:j + 2] != ["result"] for j, k in enumerate(kinds)):
-            raise DataError(f"{where}: turn {n + 1} has a tool call without the tool's answer after it")
-    if not turns:
-        raise DataError(f"{where}: no user message")
-    return [(q, None if open_end and n == len(turns) - 1 else r[0][1] if r[0][0] == "text" and len(r) == 1 else r)
-            for n, (q, r) in enumerate(turns)]
+        role = "system" if i < n_system else ("user", "assistant")[(i - n_system) % 2]
+        if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
+            raise DataError(f"{where}: message {i + 1}: tool messages and tool_calls are not read; write the call and "
+                            f"its result in the assistant's text, <|call|>lookup: ...<|/call|><|result|>...<|/result|>")
+        if not isinstance(m, dict) or m.get("role") != role or not isinstance(m.get("content"), str):
+            raise DataError(f'{where}: message {i + 1}: want {{"role": "{role}", "content": "..."}} (user and '
+                            f'assistant take turns, after at most one system message); got '
+                            f'{json.dumps(m, ensure_ascii=False)[:80]}')
+    texts = [m["content"] for m in messages[n_system:]]
+    if not texts or len(texts) % 2 != open_end:
+        raise DataError(f"{where}: want a {'prompt' if open_end else 'conversation'} that ends with the "
+                        f"{'user' if open_end else 'assistant'}'s message")
+    if n_system:  # the chat format has no system role: its text goes before the first request
+        texts[0] = messages[0]["content"] + "\n\n" + texts[0]
+    return list(zip(texts[::2], [segments(t) for t in texts[1::2]] + [None] * open_end))
 
 
-def _joined(prompt, response, where, name):
-    """prompt and response (completion, chosen or rejected) as turns: two strings, two lists of messages, or
-    with no prompt a whole conversation."""
+def conversation(record, key, where):
+    """The record's prompt and its response under key (completion, chosen or rejected) as turns."""
+    prompt, response = record.get("prompt"), record.get(key)
     if isinstance(prompt, str) and isinstance(response, str):
-        return [(prompt, response)]
-    if isinstance(prompt, (list, type(None))) and isinstance(response, list):
-        return _turns((prompt or []) + response, where)
-    raise DataError(f'{where}: "prompt" and "{name}" are two strings or two lists of messages' +
-                    (f'; without a "prompt", "{name}" is a whole conversation, a list of messages' if prompt is None
-                     else ""))
+        return [(prompt, segments(response))]
+    if isinstance(prompt, list) and isinstance(response, list):
+        return read_turns(prompt + response, where)
+    or_messages = '; or "messages", a list of messages' if key == "completion" else ""  # a demonstration's other form
+    raise DataError(f'{where}: want "prompt" and "{key}", two strings or two lists of messages{or_messages}; got '
+                    f'{json.dumps(record, ensure_ascii=False)[:80]}')
 
 
 def read_demos(path):
-    """Demonstrations for SFT: a conversation per record, {"prompt", "completion"} or {"messages"}."""
-    out = []
-    for n, r in read_jsonl(path):
-        if "messages" in r:
-            out.append(_turns(r["messages"], f"{path}:{n}"))
-        elif "prompt" in r and "completion" in r:
-            out.append(_joined(r["prompt"], r["completion"], f"{path}:{n}", "completion"))
-        else:
-            raise DataError(f'{path}:{n}: a demonstration has "prompt" and "completion", or "messages"; this one '
-                            f'has {sorted(r)}')
-    return out
+    """Demonstrations for SFT, a conversation each."""
+    return [read_turns(r["messages"], where) if "messages" in r else conversation(r, "completion", where)
+            for where, r in read_jsonl(path)]
 
 
 def read_pairs(path):
-    """Preference pairs for the reward model: (chosen, rejected) conversations, from {"prompt", "chosen",
-    "rejected"}, or {"chosen", "rejected"} as whole conversations (TRL's implicit prompt)."""
-    out = []
-    for n, r in read_jsonl(path):
-        if "chosen" not in r or "rejected" not in r:
-            raise DataError(f'{path}:{n}: a preference pair has "chosen" and "rejected" (and a "prompt"); this one '
-                            f'has {sorted(r)}')
-        out.append(tuple(_joined(r.get("prompt"), r[k], f"{path}:{n}", k) for k in ("chosen", "rejected")))
-    return out
+    """Preference pairs for the reward model: (chosen, rejected) conversations."""
+    return [(conversation(r, "chosen", where), conversation(r, "rejected", where)) for where, r in read_jsonl(path)]
 
 
 def read_prompts(path):
-    """Prompts for RL: conversations whose last request awaits the policy's answer (its response is None), from
-    {"prompt": "..."} or {"prompt": [messages, the user's last]}; a completion beside it is ignored."""
+    """Prompts for RL: conversations left open for the policy's answer."""
     out = []
-    for n, r in read_jsonl(path):
+    for where, r in read_jsonl(path):
         if isinstance(r.get("prompt"), str):
             out.append([(r["prompt"], None)])
         elif isinstance(r.get("prompt"), list):
-            out.append(_turns(r["prompt"], f"{path}:{n}", open_end=True))
+            out.append(read_turns(r["prompt"], where, open_end=True))
         else:
-            raise DataError(f'{path}:{n}: a prompt record has "prompt", a string or a list of messages; this one '
-                            f'has {sorted(r)}')
+            raise DataError(f'{where}: want "prompt", a string or a list of messages; got '
+                            f'{json.dumps(r, ensure_ascii=False)[:80]}')
     return out
 
 
@@ -611,71 +553,52 @@ def split_held_out(items, every=VAL_EVERY):
     return [x for i, x in enumerate(items) if i % every], items[::every]
 
 
-def messages_of(turns):
-    """Turns as TRL's messages, the readers' inverse: tool calls and results as tool_calls and tool messages."""
-    out = []
-    for request, response in turns:
-        out.append(dict(role="user", content=request))
-        for kind, text in [] if response is None else [("text", response)] if isinstance(response, str) else response:
-            name, _, arg = text.partition(": ")
-            out.append(dict(role="tool", content=text) if kind == "result" else dict(role="assistant", content=text)
-                       if kind == "text" else dict(role="assistant", content="", tool_calls=[dict(
-                           type="function", function=dict(name=name, arguments=dict(query=arg)))]))
-    return out
-
-
 def export_world(run_dir, out):
-    """The built-in world's data as the run in run_dir consumed it, in the formats above, to read and edit:
-    demos.jsonl (sft.py's training demonstrations, with the settings in sft/ckpt.pt), pairs.jsonl (reward.py's
-    cached comparisons, each labeler's ranking of K as its K-choose-2 pairs) and prompts.jsonl (ppo.py's RL
-    prompts, with the settings in ppo/ckpt.pt)."""
-    # imported here, not at the top: tasks.py and tools.py import this file for the chat format, so a top-level
-    # import would be a cycle; only the export needs the world
-    from tasks import demonstrate, prompt_set
-    from tools import demonstrate_fact, load_index, make_questions
+    """The built-in world's data as the run in run_dir read it, in the formats above: demos.jsonl (sft.py's
+    demonstrations, rebuilt with the flags in sft/ckpt.pt), pairs.jsonl (reward.py's cached comparisons, a
+    labeler's ranking of K as its K-choose-2 pairs) and prompts.jsonl (ppo.py's prompts, flags in ppo/ckpt.pt)."""
+    from tasks import demonstrate, prompt_set  # here, not at the top: tasks.py and tools.py import this file
+    from tools import demonstrate_fact, load_index, make_questions, render_response
     os.makedirs(out, exist_ok=True)
 
-    def config(stage, own):  # the flags a stage ran with, kept in its checkpoint (mmap: no weights are read)
+    def flags(stage, own):  # the flags the stage ran with, from its checkpoint (mmap: no weights are read)
         path = os.path.join(run_dir, stage, "ckpt.pt")
         if not os.path.exists(path):
             return print(f"{path} not found: run {stage}.py (or run.py) first to export what it reads")
         cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-        return print(f"{path} was trained on your own {cfg[own]}: that file is its data") if cfg.get(own) else cfg
+        if cfg.get(own):  # the stage read a file of yours, not the world's data
+            return print(f"{path} was trained on your own {cfg[own]}: that file is its data")
+        return cfg
 
     def write(name, records):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         print(f"wrote {len(records):,} records to {os.path.join(out, name)}")
 
-    if sft := config("sft", "demos"):  # sft.py's data section, line for line
+    if sft := flags("sft", "demos"):  # sft.py's data section, line for line
         rng = random.Random(sft["seed"])
-        demos = [(t.prompt, demonstrate(t, rng, sft["flaw_rate"])[0])
+        demos = [dict(prompt=t.prompt, completion=demonstrate(t, rng, sft["flaw_rate"])[0])
                  for t in prompt_set("sft_train", sft["n_train"], sft["seed"])]
-        docs = load_index(sft["docs_index"]) if sft["n_facts"] else None
-        demos += [(q.prompt, demonstrate_fact(docs, q, sft["tools"]))
-                  for q in make_questions(docs, "train", sft["n_facts"], sft["seed"] + SFT_FACT_SEED)] if docs else []
-        write("demos.jsonl", [dict(prompt=p, completion=r) if isinstance(r, str) else dict(messages=messages_of(
-            [(p, r)])) for p, r in demos])
+        if sft["n_facts"]:  # a tool call and its result written in the completion, as the model writes them
+            docs = load_index(sft["docs_index"])
+            demos += [dict(prompt=q.prompt, completion=render_response(demonstrate_fact(docs, q, sft["tools"])))
+                      for q in make_questions(docs, "train", sft["n_facts"], sft["seed"] + SFT_FACT_SEED)]
+        write("demos.jsonl", demos)
     cache = os.path.join(run_dir, "reward", "comparisons.json")
-    if os.path.exists(cache):
+    if os.path.exists(cache):  # its texts are the responses as decoded, tool calls and results written out
         enc = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
         with open(cache) as f:
-            records = json.load(f)
+            comparisons = json.load(f)
         pairs = []
-        for r in records:  # a sequence is <|endoftext|> <|user|> prompt <|assistant|> response
-            seq = r["sequences"][0]
+        for c in comparisons:
+            seq = c["sequences"][0]  # <|endoftext|> <|user|> prompt <|assistant|> response
             prompt = enc.decode(seq[2:seq.index(enc.encode_single_token(ASSISTANT))])
-            for w, l in itertools.combinations(r["ranking"], 2):  # earlier in the labeler's ranking: preferred
-                chosen, rejected = segments(r["texts"][w]), segments(r["texts"][l])
-                if all(k == "text" for k, _ in chosen + rejected):  # plain strings
-                    pairs.append(dict(prompt=prompt, chosen=r["texts"][w], rejected=r["texts"][l]))
-                else:  # messages: the tool calls as tool_calls, their results as tool messages
-                    pairs.append(dict(prompt=messages_of([(prompt, None)]), chosen=messages_of([("", chosen)])[1:],
-                                      rejected=messages_of([("", rejected)])[1:]))
+            pairs += [dict(prompt=prompt, chosen=c["texts"][w], rejected=c["texts"][l])
+                      for w, l in itertools.combinations(c["ranking"], 2)]  # earlier in the ranking: preferred
         write("pairs.jsonl", pairs)
     else:
         print(f"{cache} not found: reward.py writes it (the SFT model's samples and the labelers' rankings)")
-    if ppo := config("ppo", "prompts"):
+    if ppo := flags("ppo", "prompts"):
         n = ppo["iterations"] * ppo["rollout_batch"] // ppo["group_size"]
         write("prompts.jsonl", [dict(prompt=t.prompt) for t in prompt_set("ppo_train", n, ppo["seed"])])
 
@@ -688,7 +611,8 @@ if __name__ == "__main__":
     parser.add_argument("--generic_corpus", default=None, help="file or folder of generic text (default: stdlib prose)")
     parser.add_argument("--domain_corpus", default=None, help="file or folder of domain text (default: stdlib source)")
     parser.add_argument("--vocab_size", type=int, default=4096, help="bytes + merges + special tokens")
-    parser.add_argument("--max_chars", type=int, default=0, help="use only this many characters of each corpus (0: all)")
+    parser.add_argument("--max_chars", type=int, default=0, help="use only this many characters of each corpus "
+                        "(0: all)")
     parser.add_argument("--corpus", default="stdlib", choices=("stdlib", "installed"), help="the default corpora: the "
                         "standard library, or it and every installed package (the gpu preset's)")
     parser.add_argument("--tokenizer_chars", type=int, default=40_000_000, help="train the tokenizer on at most this "
@@ -704,7 +628,8 @@ if __name__ == "__main__":
     os.makedirs(args.out_dir, exist_ok=True)
 
     t0 = time.time()
-    corpora = default_corpora(args.corpus == "installed") if args.generic_corpus is None or args.domain_corpus is None else {}
+    own = args.generic_corpus is not None and args.domain_corpus is not None
+    corpora = {} if own else default_corpora(args.corpus == "installed")
     if args.generic_corpus:
         corpora["generic"] = read_corpus(args.generic_corpus)
     if args.domain_corpus:
@@ -746,7 +671,8 @@ if __name__ == "__main__":
             if n_tokens <= args.block_size:
                 raise SystemExit(f"the {name} corpus's {split} split holds {n_tokens} tokens, fewer than one window "
                                  f"of block_size + 1 = {args.block_size + 1}: give it more text (a folder splits by "
-                                 f"file, one file in {VAL_EVERY} to validation) or pretrain with a smaller --block_size")
+                                 f"file, one file in {VAL_EVERY} to validation) or pretrain with a smaller "
+                                 "--block_size")
             meta[split] = dict(documents=len(docs), tokens=n_tokens, bytes=n_bytes)
             print(f"{name:>8} {split:>5}: {len(docs):5d} documents | {n_bytes / 1e6:6.2f} MB | "
                   f"{n_tokens:10,d} tokens | {n_bytes / max(n_tokens, 1):.2f} bytes/token")

@@ -18,7 +18,7 @@ from tools import build_index, demonstrate_fact, make_questions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-CALL = dict(type="function", function=dict(name="lookup", arguments='{"query": "json.dumps"}'))
+TOOL_TEXT = "<|call|>lookup: json.dumps<|/call|><|result|>RES<|/result|>d"  # a tool call, written as the model does
 
 
 def msg(role, content, **extra):
@@ -35,29 +35,26 @@ def test_demonstrations_in_both_shapes_multi_turn_tools_and_unicode(tmp_path, en
     demos = read_demos(write(tmp_path / "d.jsonl",
                              dict(prompt="Café → ?", completion="Ça coûte 3 € ✓", id=7),  # other fields ignored
                              dict(messages=[msg("system", "Be brief."), msg("user", "a"), msg("assistant", "b"),
-                                            msg("user", "c"), msg("assistant", None, tool_calls=[CALL]),
-                                            msg("tool", "RES"), msg("assistant", "d")]),
+                                            msg("user", "c"), msg("assistant", TOOL_TEXT)]),
                              dict(prompt=[msg("user", "x")], completion=[msg("assistant", "y")])))
-    assert demos == [[("Café → ?", "Ça coûte 3 € ✓")],
-                     [("Be brief.\n\na", "b"),
+    assert demos == [[("Café → ?", [("text", "Ça coûte 3 € ✓")])],
+                     [("Be brief.\n\na", [("text", "b")]),
                       ("c", [("call", "lookup: json.dumps"), ("result", "RES"), ("text", "d")])],
-                     [("x", "y")]]
+                     [("x", [("text", "y")])]]
     tokens, mask = encode_conversation(enc, demos[1])  # the loss on every assistant turn, not on the tool's result
     ends = [i for i, t in enumerate(tokens) if t == enc.encode_single_token(END)]
     assert len(ends) == 2 and all(mask[i] for i in ends)
     assert sum(mask) == len(encode_response(enc, "b")[0]) + sum(encode_response(enc, demos[1][1][1])[1])
 
 
-def test_pairs_and_prompts_standard_conversational_and_implicit(tmp_path, enc):
+def test_pairs_and_prompts_as_strings_and_as_conversations(tmp_path, enc):
     pairs = read_pairs(write(tmp_path / "p.jsonl", dict(prompt="q", chosen="good ✓", rejected="bad"),
-                             dict(prompt=[msg("user", "q")], chosen=[msg("assistant", "good")],
-                                  rejected=[msg("assistant", "bad")]),
-                             dict(chosen=[msg("user", "q"), msg("assistant", "good")],  # TRL's implicit prompt
-                                  rejected=[msg("user", "q"), msg("assistant", "bad")])))
-    assert pairs == [([("q", "good ✓")], [("q", "bad")])] + [([("q", "good")], [("q", "bad")])] * 2
+                             dict(prompt=[msg("user", "q")], chosen=[msg("assistant", "good ✓")],
+                                  rejected=[msg("assistant", "bad")])))
+    assert pairs == [([("q", [("text", "good ✓")])], [("q", [("text", "bad")])])] * 2
     prompts = read_prompts(write(tmp_path / "q.jsonl", dict(prompt="hi"), dict(prompt="p", completion="ignored"),
                                  dict(prompt=[msg("user", "a"), msg("assistant", "b"), msg("user", "c")])))
-    assert prompts == [[("hi", None)], [("p", None)], [("a", "b"), ("c", None)]]
+    assert prompts == [[("hi", None)], [("p", None)], [("a", [("text", "b")]), ("c", None)]]
     assert encode_conversation(enc, prompts[0])[0] == encode_chat(enc, "hi")[0]  # open after <|assistant|>
 
 
@@ -65,21 +62,19 @@ GOOD = {read_demos: dict(prompt="p", completion="c"), read_pairs: dict(prompt="p
         read_prompts: dict(prompt="p")}
 BAD = [(read_demos, "not json", "not JSON"),
        (read_demos, "[1, 2]", "a record is a JSON object"),
-       (read_demos, dict(prompt="p"), 'has "prompt" and "completion", or "messages"'),
+       (read_demos, dict(prompt="p"), 'want "prompt" and "completion", two strings or two lists of messages; or "mess'),
        (read_demos, dict(prompt="p", completion=3), "two strings or two lists of messages"),
-       (read_demos, dict(messages=[msg("user", "a")]), "has no assistant answer"),
-       (read_demos, dict(messages=[msg("assistant", "a")]), "the assistant speaks before the user"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("robot", "b")]), "message 2: want"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("user", 5)]), "message 2: want"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", "b"), msg("system", "c")]), "comes first"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", None, tool_calls=[CALL])]), "without the tool"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", "b"), msg("tool", "r")]), "answers the"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", None, tool_calls=[CALL, CALL])]), "one tool"),
-       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", None, tool_calls=[dict(function=dict(
-           name="f", arguments=dict(a="1", b="2")))])]), "passes it one string"),
-       (read_pairs, dict(prompt="p", chosen="a"), 'has "chosen" and "rejected"'),
-       (read_pairs, dict(chosen="a", rejected="b"), "is a whole conversation"),
-       (read_prompts, dict(text="p"), 'has "prompt"'),
+       (read_demos, dict(messages=[]), "want a non-empty list of messages"),
+       (read_demos, dict(messages=[msg("user", "a")]), "ends with the assistant's message"),
+       (read_demos, dict(messages=[msg("assistant", "a")]), 'message 1: want {"role": "user"'),
+       (read_demos, dict(messages=[msg("user", "a"), msg("robot", "b")]), 'message 2: want {"role": "assistant"'),
+       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", 5)]), "message 2: want"),
+       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", "b"), msg("system", "c")]), "message 3: want"),
+       (read_demos, dict(messages=[msg("user", "a"), msg("assistant", None, tool_calls=[{}])]), "tool_calls are not"),
+       (read_demos, dict(messages=[msg("user", "a"), msg("tool", "r")]), "message 2: tool messages"),
+       (read_pairs, dict(prompt="p", chosen="a"), 'want "prompt" and "rejected"'),
+       (read_pairs, dict(chosen="a", rejected="b"), 'want "prompt" and "chosen"'),
+       (read_prompts, dict(text="p"), 'want "prompt", a string or a list of messages'),
        (read_prompts, dict(prompt=[msg("user", "a"), msg("assistant", "b")]), "ends with the user's message")]
 
 
@@ -95,7 +90,7 @@ def test_an_empty_file_or_one_not_in_utf8_is_an_error(tmp_path):
     with pytest.raises(DataError, match="is empty: no records"):
         read_demos(write(tmp_path / "empty.jsonl", "", "  "))
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "p"}\n{"prompt": "café"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not JSON in UTF-8 \('utf-8' codec can't decode"):
         read_prompts(str(tmp_path / "latin1.jsonl"))
 
 
