@@ -54,10 +54,11 @@ def check_setting(name, value, max_tokens_cap=None):
     high = min(high, max_tokens_cap) if name == "max_tokens" and max_tokens_cap else high
     try:
         v = kind(value)
-        assert not isinstance(value, bool) and not (isinstance(value, float) and v != value) and low <= v <= high
-    except (TypeError, ValueError, AssertionError):
+    except (TypeError, ValueError):
+        v = None
+    if v is None or isinstance(value, bool) or (isinstance(value, float) and v != value) or not low <= v <= high:
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], "
-                         f"not {value!r}") from None
+                         f"not {value!r}")
     return v
 
 

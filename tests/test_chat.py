@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-from chat import fit_conversation, segments
+from chat import check_setting, fit_conversation, segments
 from data import ASSISTANT, CALL, EOT, USER, encode_chat, encode_conversation
 from model import GPT, GPTConfig, save_checkpoint
 from tasks import RULES, prompt_set
@@ -191,3 +191,17 @@ def test_the_page_streams_an_answer_in_headless_chromium(server, tmp_path):
     cols = re.findall(r'<div class="col done"><h3>(\w+)</h3><pre>(.*?)</pre>', html, re.S)
     assert [name for name, _ in cols] == ["sft", "ppo"] and all(text.strip() for _, text in cols)
     assert "hello there" in html and "reward" in html
+
+
+def test_settings_are_checked_by_value_not_by_assert():
+    """Flags, terminal commands and the web API share one check, written without assert (python -O keeps it)."""
+    assert check_setting("temperature", "0.7") == 0.7 and check_setting("top_k", 5) == 5
+    for name, value in (("max_tokens", 2.5), ("temperature", True), ("top_p", "x"), ("temperature", 99),
+                        ("temperature", float("nan")), ("max_tokens", None)):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            check_setting(name, value)
+    with pytest.raises(ValueError, match=r"\[1, 8\]"):
+        check_setting("max_tokens", 9, max_tokens_cap=8)
+    optimized = subprocess.run([sys.executable, "-O", "-c", "import chat; chat.check_setting('temperature', 99)"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert optimized.returncode != 0 and "temperature must be" in optimized.stderr
