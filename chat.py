@@ -16,6 +16,7 @@ Commands: /reset /temperature 0.7 /top_k 50 /top_p 0.9 /max_tokens 96 /seed 1 /t
 an answer, not the program. When a conversation outgrows the block, its oldest turns are dropped.
 """
 import argparse
+import codecs
 import contextlib
 import functools
 import json
@@ -176,17 +177,18 @@ def answer(ctx, m, request, history, task, s, generator, emit):
                                              f"block: shorten it or lower max_tokens"))
     if dropped:
         emit(dict(model=m.name, note=f"dropped the {dropped} oldest turn(s) to fit the {block}-token block"))
-    eos, tokens, shown = ctx.eot if pretrained else ctx.end, [], ""
+    eos, tokens = ctx.eot if pretrained else ctx.end, []
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # a character split over two tokens waits for both
     with m.lock:  # one answer at a time per model: the server's other requests wait here
         t0 = ttft = time.perf_counter()
         for _, tok, _, _ in m.gpt.generate_stream([prompt], max_new, s["temperature"], s["top_k"] or None, s["top_p"],
                                                   eos, ctx.eot, generator, None if pretrained else ctx.tools):
             tokens.append(tok.item())
             ttft = time.perf_counter() if len(tokens) == 1 else ttft
-            text = ctx.enc.decode(tokens[:-1] if tokens[-1] == eos else tokens)
-            if text != shown and not text.endswith("\ufffd"):  # a character split in two tokens waits for both
-                emit(dict(model=m.name, text=text[len(shown):]))
-                shown = text
+            if tokens[-1] != eos and (piece := utf8.decode(ctx.enc.decode_single_token_bytes(tokens[-1]))):
+                emit(dict(model=m.name, text=piece))
+        if piece := utf8.decode(b"", final=True):  # bytes of a character the answer never finished
+            emit(dict(model=m.name, text=piece))
     ended, t1 = tokens[-1] == eos, time.perf_counter()
     r = dict(model=m.name, stage=m.stage, text=ctx.enc.decode(tokens[:-1] if ended else tokens), tokens=len(tokens),
              ended=ended, context_tokens=len(prompt), ttft_s=ttft - t0,

@@ -135,6 +135,8 @@ def test_the_server_streams_answers_and_refuses_bad_requests(server):
     assert status == 200 and any("text" in e for e in events)
     done = {e["model"]: e["done"] for e in events if "done" in e}
     assert set(done) == {"sft", "ppo"} and all("reward" in d and d["tokens"] <= 8 for d in done.values())
+    for name, d in done.items():  # the pieces streamed one token at a time make up the answer, split characters too
+        assert "".join(e["text"] for e in events if e.get("model") == name and "text" in e) == d["text"]
     for body, code in ((b"{not json", 400), (b"x" * 100_000, 413), ({"request": "hi", "models": ["gpt5"]}, 400),
                        ({"request": "hi", "colour": 1}, 400), ({"request": "hi", "temperature": 9}, 400),
                        ({"request": "hi", "max_tokens": 10_000}, 400), ({"request": ""}, 400)):
