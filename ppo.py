@@ -605,9 +605,9 @@ if __name__ == "__main__":
                    generic_val_losses_after=generic_val_losses(policy),
                    eval_set=args.eval_set, n_eval=args.n_eval, eval_samples=n, sft_samples=n_sft, reward=args.reward,
                    advantage=args.advantage, ptx_coef=args.ptx_coef, beta=args.beta, kl_target=args.kl_target,
-                   seconds=t_phase, train_seconds=sum(t_phase.values()), eval_seconds=time.time() - t0,
-                   iterations=args.iterations, episodes=args.iterations * args.rollout_batch,
-                   examples=[s["text"] for s in samples[:n * 3:n]])
+                   kl_horizon=args.kl_horizon, seconds=t_phase, train_seconds=sum(t_phase.values()),
+                   eval_seconds=time.time() - t0, iterations=args.iterations,
+                   episodes=args.iterations * args.rollout_batch, examples=[s["text"] for s in samples[:n * 3:n]])
     write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
         n_samples=n, samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)

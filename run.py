@@ -23,8 +23,10 @@ from statistics import fmean
 
 import torch
 
+from common import write_json
 from tasks import bootstrap_ci
 
+PRETRAIN_RUNS = ("pretrain_generic", "pretrain_domain", "pretrain_domain_scratch")
 PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev prompts, see the README
     "ppo": ([], True),
     "ppo_ptx": (["--ptx_coef", "1"], True),
@@ -52,8 +54,11 @@ def stage_graph(args):
         ("pretrain_generic", ["data"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/generic",
                                         "--out_dir", f"{out}/pretrain_generic"]
          + (["--max_steps", "100"] if args.preset == "gpu" else [])),  # the generic prose is 4x smaller
-        ("pretrain_domain_scratch", ["data"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",
-                                               "--out_dir", f"{out}/pretrain_domain_scratch"]),
+        # the baseline needs only the data; it waits for the generic run so that the generic run, on the path to
+        # every later stage, has all the cores, and the two domain runs then train side by side
+        ("pretrain_domain_scratch", ["pretrain_generic"], ["pretrain.py", *preset, *tok, "--data",
+                                                           f"{out}/data/domain", "--out_dir",
+                                                           f"{out}/pretrain_domain_scratch"]),
         ("pretrain_domain", ["pretrain_generic"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",
                                                    "--init_from", f"{out}/pretrain_generic/ckpt.pt",
                                                    "--out_dir", f"{out}/pretrain_domain"]),
@@ -99,11 +104,10 @@ def stage_done(folder):
     return not os.path.exists(ckpt) or torch.load(ckpt, map_location="cpu", weights_only=True).get("finished", True)
 
 
-def run_stages(stages, out, jobs, timings):
-    """Run the stages whose outputs are not complete, up to `jobs` at a time, each as soon as the stages
-    it needs are done. With more than one at a time, each writes its output to its folder's
-    stdout.log and gets its share of the cores."""
-    done = {name for name, _, _ in stages if stage_done(os.path.join(out, name))}
+def run_stages(stages, done, out, jobs, timings):
+    """Run the stages not in `done`, up to `jobs` at a time, each as soon as the stages it needs are
+    done. With more than one at a time, each writes its output to its folder's stdout.log and gets
+    its share of the cores."""
     for name in sorted(done):
         print(f"== {name}: done already")
     pending, running = [s for s in stages if s[0] not in done], {}
@@ -189,7 +193,7 @@ def thin(rows, n=8):
 def load_runs(out):
     """Every summary the report reads, by stage name (the RL runs that ran)."""
     runs = {name: read_json(f"{out}/{name}/summary.json") for name in
-            ("pretrain_generic", "pretrain_domain", "pretrain_domain_scratch", "sft", "sft_closed_book", "reward")}
+            (*PRETRAIN_RUNS, "sft", "sft_closed_book", "reward")}
     runs["ppo_runs"] = {name: read_json(f"{out}/{name}/summary.json") for name in PPO_RUNS
                         if os.path.exists(f"{out}/{name}/summary.json")}
     runs["sft_samples"] = read_json(f"{out}/sft/samples_test.json")
@@ -296,7 +300,7 @@ def report_pretraining(out, r, timings):
     lines += ["", "## Pretraining: generic, then domain (both starts)", "",
               "| run | init | steps | tokens | final val loss | tok/s | MFU | wall |",
               "|---|---|---|---|---|---|---|---|"]
-    for name in ("pretrain_generic", "pretrain_domain", "pretrain_domain_scratch"):
+    for name in PRETRAIN_RUNS:
         s = r[name]
         lines.append(f"| {name} | {'generic ckpt' if s['init_from'] else 'scratch'} | {s['steps']} | {s['tokens']:,} | "
                      f"{s['val_loss']:.4f} | {s['tok_per_s']:,.0f} | {s['mfu'] * 100:.1f}% | "
@@ -304,9 +308,9 @@ def report_pretraining(out, r, timings):
     s = r["pretrain_generic"]
     warm, cold = val_curve(f"{out}/pretrain_domain"), val_curve(f"{out}/pretrain_domain_scratch")
     reached = steps_to_reach(warm, cold[max(cold)])
-    lines += ["", f"Device: {s['device']}; MFU = model FLOPs per token x tokens/s / "
-              f"{s['peak_flops'] / 1e12:.3f} TFLOP/s "
-              f"({s.get('peak_source', 'measured')}).", "",
+    peaks = ", ".join(f"{r[name]['peak_flops'] / 1e12:.3f} for {name}" for name in PRETRAIN_RUNS)
+    lines += ["", f"Device: {s['device']}; MFU = model FLOPs per token x tokens/s / the peak in TFLOP/s, with the "
+              f"threads each stage ran on ({s.get('peak_source', 'measured')}): {peaks}.", "",
               f"Domain validation loss, the same steps and batches from both starts. The generic start reaches the "
               f"scratch run's final loss ({cold[max(cold)]:.4f}) at step {reached} of {max(cold)}"
               + (f" ({max(cold) / reached:.1f}x fewer steps)." if reached else "."), "",
@@ -383,8 +387,15 @@ def report_tools(out, r):
         call = miss["response"].split("<|/call|>")[0].split("<|call|>")[-1]
         lines += ["", "Most of the tool-using model's failures are wrong queries: it calls the lookup but cannot copy "
                       f"a name it has never seen into the call (asked \"{miss['prompt']}\", it wrote `{call}`), so the "
-                      "result it quotes is another entry's. Copying an unseen span is what a small model learns last; "
-                      "more factual demonstrations, more steps or a larger model are what we would try."]
+                      "result it quotes is another entry's."]
+    if "copy_accuracy" in tool:
+        lines += ["", "Every tool call needs in-context copying: the name into the query, the result into the answer. "
+                      "The induction test (Olsson et al. 2022: 32 sequences of 50 random tokens, each followed by "
+                      "itself) measures it: the tool model predicts "
+                      f"{pct(tool['copy_accuracy'])} of the repeated tokens, the closed-book one "
+                      f"{pct(closed['copy_accuracy'])}; a model with induction heads predicts most of them. "
+                      "In Olsson et al.'s models they formed after billions of tokens; this run pretrains on a few "
+                      "million. Until a model can copy, the toolset cannot help it, whatever the demonstrations."]
     if "sft_code_only" in r:
         code_only, both = r["sft_code_only"]["test"]["greedy"]["passed"], r["sft"]["test"]["greedy"]["passed"]
         low, high = diff_interval(both, code_only)
@@ -517,10 +528,12 @@ def report_variants(out, r):
               "", "![reward and pass rate over iterations](figures/variants.png)", ""]
     if "ppo_adaptive_kl" in runs:
         log = [row for row in read_log(f"{out}/ppo_adaptive_kl/log.jsonl") if "beta" in row]
+        low = min(log, key=lambda row: row["beta"])
         lines += ["The adaptive KL controller (Ziegler et al.'s reference form, target "
-                  f"{runs['ppo_adaptive_kl']['kl_target']} nats, horizon 640 samples) moved beta from "
-                  f"{log[0]['beta']:.3f} to {log[-1]['beta']:.3f} while the "
-                  f"rollout KL went from {log[0]['kl']:.3f} to {log[-1]['kl']:.3f} nats.", ""]
+                  f"{runs['ppo_adaptive_kl']['kl_target']} nats, horizon {runs['ppo_adaptive_kl']['kl_horizon']} "
+                  f"samples) moved beta from {log[0]['beta']:.3f} down to {low['beta']:.3f} (iteration "
+                  f"{low['iteration']}, rollout KL {low['kl']:.3f} nats) and back up to "
+                  f"{log[-1]['beta']:.3f} (rollout KL {log[-1]['kl']:.3f} nats): it follows the KL, slowly.", ""]
     dev = {name: r["ppo_runs"][name] for name in ("ppo_dev_beta0.05", "ppo_dev_beta0.15") if name in r["ppo_runs"]}
     if dev:
         lines += ["Choosing beta on the dev prompts (the test prompts never chose a setting):", "",
@@ -628,15 +641,15 @@ def figures(out, r):
     save(fig, "variants")
 
 
-def write_report(args, timings, elapsed):
+def write_report(args, timings, wall):
     out = args.out_dir
     r = load_runs(out)
     r["out"], r["extended"] = out, args.extended
     figures(out, r)
     lines = ["# Report", "",
              f"Written by `python run.py --preset {args.preset}{' --extended' if args.extended else ''}` on "
-             f"{time.strftime('%Y-%m-%d')}; this invocation took {elapsed / 60:.1f} min from its first stage to the "
-             f"report ({args.jobs} stages at a time; the stages' own times, below, add up to "
+             f"{time.strftime('%Y-%m-%d')}; the run took {wall / 60:.1f} min from its first stage to its report "
+             f"({args.jobs} stages at a time; the stages' own times, below, add up to "
              f"{sum(timings.values()) / 60:.1f} min).", ""]
     lines += claims(out, r) + report_pretraining(out, r, timings) + report_sft(out, r, timings) + report_tools(out, r)
     lines += report_reward(out, r) + report_ppo(out, r) + report_variants(out, r) + report_examples(out)
@@ -662,12 +675,18 @@ if __name__ == "__main__":
                         "on the terminal)")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    timings_path = os.path.join(args.out_dir, "timings.json")
+    timings_path, wall_path = (os.path.join(args.out_dir, name) for name in ("timings.json", "wall_time.json"))
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}
-    t0 = time.time()
+    # the run's wall time, first stage to report, summed over the invocations that ran stages (a resumed run adds up)
+    wall = read_json(wall_path)["seconds"] if os.path.exists(wall_path) else 0.0
+    stages, t0 = stage_graph(args), time.time()
+    done = {name for name, _, _ in stages if stage_done(os.path.join(args.out_dir, name))}
+    runs_stages = len(done) < len(stages)
     try:
-        run_stages(stage_graph(args), args.out_dir, args.jobs, timings)
+        run_stages(stages, done, args.out_dir, args.jobs, timings)
     finally:
-        with open(timings_path, "w") as f:
-            json.dump(timings, f, indent=1)
-    write_report(args, timings, time.time() - t0)
+        write_json(timings_path, timings)
+        if runs_stages:
+            wall += time.time() - t0
+            write_json(wall_path, dict(seconds=wall))
+    write_report(args, timings, wall)
