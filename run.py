@@ -106,8 +106,8 @@ def stage_done(folder):
 
 def run_stages(stages, done, out, jobs, timings):
     """Run the stages not in `done`, up to `jobs` at a time, each as soon as the stages it needs are
-    done. With more than one at a time, each writes its output to its folder's stdout.log and gets
-    its share of the cores."""
+    done (each is added to `done` as it finishes). With more than one at a time, each writes its
+    output to its folder's stdout.log and gets its share of the cores."""
     for name in sorted(done):
         print(f"== {name}: done already")
     pending, running = [s for s in stages if s[0] not in done], {}
@@ -681,7 +681,7 @@ if __name__ == "__main__":
     wall = read_json(wall_path)["seconds"] if os.path.exists(wall_path) else 0.0
     stages, t0 = stage_graph(args), time.time()
     done = {name for name, _, _ in stages if stage_done(os.path.join(args.out_dir, name))}
-    runs_stages = len(done) < len(stages)
+    runs_stages = len(done) < len(stages)  # before run_stages, which fills `done`
     try:
         run_stages(stages, done, args.out_dir, args.jobs, timings)
     finally:
