@@ -123,6 +123,8 @@ HOSTILE = {  # {dir}: a directory the test owns, holding the file 'keep'
     'sys_exit_before_tests': ('import sys\nsys.exit(0)\n' + OK, 'error'),
     'os_exit_before_tests': ('import os\nos._exit(0)\n' + OK, 'error'),
     'exit_inside_tests': ('def f(x):\n    raise SystemExit(0)\n', 'error'),
+    'kill_itself': (POSIX + 'posix.kill(posix.getpid(), 9)\n' + OK, 'error'),  # only the wall clock makes a timeout
+    'kill_itself_by_cpu_limit': (POSIX + 'posix.kill(posix.getpid(), 24)\n' + OK, 'error'),  # SIGXCPU
     'print_megabytes': ("print('x' * 10**7)\n" + OK, 'error'),
     'print_forever': ("while True:\n    print('x' * 1000)\n" + OK, 'error'),
     'fake_success': ("print('pass')\nprint('OK')\nimport sys\nsys.exit(0)\n" + OK, 'error'),
