@@ -38,6 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 EXEC_TIMEOUT = 3.0
 MEMORY_LIMIT = 512 * 2**20  # bytes of address space, roomy for Python's startup
 OUTPUT_LIMIT = 256 * 2**10  # bytes the child may write to any file, its captured output included
+# Files the child may hold open. Memory in a file (memfd_create) or in a pipe lies outside the address space
+# that MEMORY_LIMIT caps: this caps how many such buffers a child holds, each of at most OUTPUT_LIMIT (a file)
+# or 1 MB (a pipe), so a few MB in all where 2400 files once held 600 MB.
+OPEN_FILES_LIMIT = 16
 # As root each running child gets a uid of its own: UID_BASE + pid * SLOTS + slot. Linux pids stay below
 # 2**22, so these uids fill [2**30, 2**31), far above any login account, and never repeat between two
 # processes that run sandboxes side by side, nor between two slots of one process.
@@ -70,7 +74,8 @@ def blocked(*args, **kwargs):
     raise PermissionError('blocked by the sandbox')
 for name in ('fork forkpty system popen execv execve spawnv spawnve posix_spawn posix_spawnp kill killpg abort '
              '_exit remove unlink rmdir removedirs rename renames replace truncate chmod chown lchown link '
-             'symlink mkdir mkfifo mknod putenv unsetenv setuid setgid setsid chdir chroot open').split():
+             'symlink mkdir mkfifo mknod memfd_create pipe pipe2 putenv unsetenv setuid setgid setsid chdir chroot '
+             'open').split():
     setattr(os, name, blocked); setattr(posix, name, blocked)  # os re-exports posix's functions
 for name in ('subprocess', 'multiprocessing', '_posixsubprocess', 'ctypes', '_ctypes', 'socket', '_socket'):
     sys.modules[name] = None  # importing it now raises ImportError
@@ -156,7 +161,7 @@ def _run(job, timeout):
         scratch = tempfile.mkdtemp(prefix=f'sandbox-{os.getpid()}-')
         os.chmod(scratch, 0o555)
         limits = {'RLIMIT_CPU': int(timeout) + 1, 'RLIMIT_AS': MEMORY_LIMIT, 'RLIMIT_FSIZE': OUTPUT_LIMIT,
-                  'RLIMIT_CORE': 0}
+                  'RLIMIT_NOFILE': OPEN_FILES_LIMIT, 'RLIMIT_CORE': 0}
         uid = UID_BASE + os.getpid() * SLOTS + slot if root else None
         start = time.monotonic()
         with tempfile.TemporaryFile() as out:  # unnamed: only the child's stdout and stderr reach it

@@ -18,6 +18,9 @@ TESTS = 'assert f(1) == 2\nassert f(-3) == -2\n'  # the world's shape: judged fr
 TOKEN_TESTS = "assert f(1) == 2, 'f(1)'\nassert f(-3) == -2, 'f(-3)'\n"  # any other shape: run in the child
 POSIX = ("import _imp\nclass Spec:\n    name = 'posix'\nposix = _imp.create_builtin(Spec)  # undoes the guard\n"
          "_imp.exec_builtin(posix)\n")
+# up to 64 buffers of memory, each in a file of its own ({make}); f is right only if fewer than 32 could be made
+HOARD = (POSIX + 'made = 0\ntry:\n    for i in range(64):\n        {make}\n        made += 1\n'
+         'except OSError:  # out of open files\n    pass\ndef f(x):\n    return x + 1 if made < 32 else x\n')
 only_root = pytest.mark.skipif(os.geteuid() != 0, reason='needs root: a chroot and a uid of its own per child')
 
 
@@ -125,6 +128,11 @@ HOSTILE = {  # {dir}: a directory the test owns, holding the file 'keep'
     'exit_inside_tests': ('def f(x):\n    raise SystemExit(0)\n', 'error'),
     'kill_itself': (POSIX + 'posix.kill(posix.getpid(), 9)\n' + OK, 'error'),  # only the wall clock makes a timeout
     'kill_itself_by_cpu_limit': (POSIX + 'posix.kill(posix.getpid(), 24)\n' + OK, 'error'),  # SIGXCPU
+    # memory outside the address space, held as long as the child lives: 2400 x 256 KiB once passed
+    'memfd': ("import os\nfor i in range(2400):\n    os.write(os.memfd_create('m'), bytes(2**18))\n" + OK, 'error'),
+    'memfd_unguarded': (HOARD.format(make="posix.write(posix.memfd_create('m'), bytes(2**18))"), 'pass'),
+    'pipes_unguarded': (HOARD.format(make='r, w = posix.pipe(); posix.set_blocking(w, False); '
+                                          'posix.write(w, bytes(2**16))'), 'pass'),
     'print_megabytes': ("print('x' * 10**7)\n" + OK, 'error'),
     'print_forever': ("while True:\n    print('x' * 1000)\n" + OK, 'error'),
     'fake_success': ("print('pass')\nprint('OK')\nimport sys\nsys.exit(0)\n" + OK, 'error'),
@@ -139,6 +147,8 @@ ROOT_ONLY = {  # unguarded: the guard undone, only the chroot and the uid stand 
                                "    posix.mkdir('d')\n    posix.chdir('d')\n" + OK, 'error'),
     'fill_the_disk': (POSIX + "for i in range(4000):\n    fd = posix.open(f'{i}', posix.O_WRONLY | "
                       "posix.O_CREAT)\n    posix.write(fd, bytes(2**18))\n" + OK, 'error'),
+    'shared_memory_file': (POSIX + "posix.open('/dev/shm/sandbox-pwned', posix.O_WRONLY | posix.O_CREAT)\n" + OK,
+                           'error'),
     'kill_the_parent_unguarded': (POSIX + 'posix.kill(posix.getppid(), 9)\n' + OK, 'error'),
     # at the neighbours as they start and run: kill(-1) reaches every process the sender may signal
     'kill_everyone': (POSIX + KEEP_AT_IT.format(signal=9) + OK, 'pass'),
