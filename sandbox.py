@@ -5,16 +5,18 @@ verdict ("pass", "fail", "error" or "timeout") is decided on the trusted side.
     from sandbox import execute, execute_many
     execute("def f(x):\n    return x + 1\n", "assert f(1) == 2\n")   # 'pass'
 
-What it protects against. Each child has a wall-clock limit (then it is killed), CPU-time, 512 MB
-memory and 256 KB output limits, no new processes, an empty environment, and an in-process guard
-against fork, exec, kill, deleting and writing files. As root, the child drops root before the program
-runs, or the program never runs (verdict "error"; a warning says why, once): it locks itself into an
-empty folder owned by root (chroot) and becomes a uid of its own, one per concurrent slot. There the
-program can create, read or delete no file, load no module from a file, start no process, and signal
-no process but itself: not its neighbours, not the harness. Tests in the world's shape, lines of
-`assert name(<literals>) == <literal>`, are judged here: the child only reports what the function
-returns, as plain literals, and the parent compares them with the expected values, which never reach
-the child. So "pass" means the function returned those values, whatever the program did to its interpreter.
+What it protects against. Each child has a wall-clock limit (then it is killed: only that is a
+"timeout"), CPU-time, 512 MB memory, 16 open files and 256 KB output limits (so memory it holds outside
+its address space, in memfd files or pipes, stays a few MB), no new processes, an empty environment, and
+an in-process guard against fork, exec, kill, memfd_create, pipes, deleting and writing files. As root,
+the child drops root before the program runs, or the program never runs (verdict "error"; a warning says
+why, once): it locks itself into an empty folder owned by root (chroot) and becomes a uid of its own,
+one per concurrent slot. There the program can create, read or delete no file, load no module from a
+file, start no process, and signal no process but itself: not its neighbours, not the harness. Tests in
+the world's shape, lines of `assert name(<literals>) == <literal>`, are judged here: the child only
+reports what the function returns, as plain values, and the parent reads each back (at most REPORT_LIMIT
+characters, in linear time) and compares it with the expected value, which never reaches the child. So
+"pass" means the function returned those values, whatever the program did to its interpreter.
 
 What it does not protect against. Other tests run in the program's interpreter, where determined code
 can find the token that reports success. Without root there is no chroot and no uid of its own: code
@@ -46,6 +48,7 @@ OPEN_FILES_LIMIT = 16
 # 2**22, so these uids fill [2**30, 2**31), far above any login account, and never repeat between two
 # processes that run sandboxes side by side, nor between two slots of one process.
 UID_BASE, SLOTS = 2**30, 256
+REPORT_LIMIT = 2**14  # characters of one reported value, read no further: the world's take under 100
 IMPORTABLE = {'collections', 'functools', 'itertools', 'math', 're', 'string'}  # what a program may import as root
 _slots = queue.SimpleQueue()  # the free slots of this process; a child's slot is free again once it is dead
 for _slot in range(SLOTS):
@@ -85,10 +88,14 @@ def read_only_open(file, mode='r', *args, **kwargs):
         raise PermissionError('writing files is blocked by the sandbox')
     return real_open(file, mode, *args, **kwargs)
 builtins.open = io.open = _io.open = read_only_open
-def plain(value):  # strictly plain types: no class of the program's answers for the value
-    if type(value) in (list, tuple, set, dict):
-        return all(map(plain, value)) and (type(value) is not dict or all(map(plain, value.values())))
-    return type(value) in (bool, int, float, complex, str, bytes, type(None))
+def words(value):  # strictly plain types, no class of the program's: one word 'type:payload' per value, where
+    kind = type(value)  # a container's payload is its length and its items' words follow
+    if kind in (list, tuple, set, dict):
+        items = [x for item in value.items() for x in item] if kind is dict else value
+        return ' '.join([f'{kind.__name__}:{len(value)}', *map(words, items)])
+    if kind in (str, bytes):  # in hex: no space or newline inside a word
+        return f'{kind.__name__}:' + (value.encode('utf-8', 'surrogatepass') if kind is str else value).hex()
+    return f'{kind.__name__}:{value!r}' if kind in (bool, int, float, complex, type(None)) else 'not-plain'
 namespace = {'__name__': '__main__'}
 try:
     exec(compile(program, '<program>', 'exec'), namespace)
@@ -101,7 +108,7 @@ try:
     else:  # the world's tests: report what each call returns; the parent, who alone knows the answers, judges
         for i, (name, args) in enumerate(tests):
             value = eval(name, namespace)(*args)
-            report(str(i), ascii(value) if plain(value) else 'not-plain')
+            report(str(i), words(value))
 except BaseException:  # errors, SystemExit, KeyboardInterrupt: what was reported stands, the rest is missing
     pass
 exit_now(0)  # skip any atexit handlers and finalizers the program left
@@ -123,6 +130,21 @@ def _calls(tests):
     except Exception:  # not Python, or not literals
         return None
     return calls or None
+
+
+# The harness's words() read back, one step per word: time linear in the length of the line, where
+# ast.literal_eval took seconds on a forged line (Python 3.11 parses f-strings in quadratic time)
+SCALARS = {'bool': lambda s: s == 'True', 'int': int, 'float': float, 'complex': complex, 'NoneType': lambda s: None,
+           'str': lambda s: bytes.fromhex(s).decode('utf-8', 'surrogatepass'), 'bytes': bytes.fromhex}
+CONTAINERS = {'list': list, 'tuple': tuple, 'set': set, 'dict': lambda items: dict(zip(items[::2], items[1::2]))}
+
+
+def _value(words):
+    """The value spelled by the iterator words (what the harness's words() wrote), or an exception."""
+    kind, _, payload = next(words).partition(':')
+    if kind in CONTAINERS:  # a forged length runs out of words (StopIteration) after as many steps as words
+        return CONTAINERS[kind]([_value(words) for _ in range(int(payload) * (2 if kind == 'dict' else 1))])
+    return SCALARS[kind](payload)
 
 
 def _imports(program):
@@ -204,9 +226,10 @@ def execute(program, tests, timeout=EXEC_TIMEOUT):
         for i, (_, _, expected) in enumerate(calls):
             if str(i) not in found:
                 break
-            try:
-                right = ast.literal_eval(found[str(i)]) == expected  # plain values on both sides: a trusted ==
-            except Exception:  # not a plain literal ("not-plain", say): not the expected value
+            text = found[str(i)]
+            try:  # plain values on both sides: a trusted ==
+                right = len(text) <= REPORT_LIMIT and _value(iter(text.split(' '))) == expected
+            except Exception:  # not words of plain values ("not-plain", a forged line): not the expected value
                 right = False
             if not right:
                 return 'fail'

@@ -65,6 +65,12 @@ def test_errors(program, tests):  # syntax error, runtime error, missing functio
     assert run(program, tests) == 'error'
 
 
+def test_values_travel_back_whole():  # every plain type, nested; a tuple is not a list
+    value = "[(1, -2.5, 3j), {'k': {b'\\x00', None}, (0,): 'é\\ud800\\n'}, True, set(), -1180591620717411303424]"
+    assert run(f'def f(x):\n    return {value}\n', f'assert f(1) == {value}\n') == 'pass'
+    assert run('def f(x):\n    return (1, 2)\n', 'assert f(1) == [1, 2]\n') == 'fail'
+
+
 def test_only_the_worlds_shape_is_judged_from_values():
     from tasks import SPLITS, make_tasks
     assert all(sandbox._calls(t.tests) for split in SPLITS for t in make_tasks(split, 30, 0))
@@ -176,6 +182,23 @@ def test_hostile_programs_beside_correct_ones_in_execute_many(tmp_path):
     expected = [verdict for _, verdict in hostile.values()] + ['fail', 'pass'] * 8
     assert execute_many(jobs, timeout=3.0, workers=len(jobs)) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep']
+
+
+FORGED_LINES = {  # the report line a program forges for the first call, built in the child
+    'f_string': "'f\"' + '{a}' * 85000 + '\"'",  # 255 KB: seconds of the parent's CPU in ast.literal_eval
+    'deep': "'list:1 ' * 2000",
+    'endless_count': "'list:99999999999 int:1'",
+}
+
+
+@pytest.mark.parametrize('line', list(FORGED_LINES.values()), ids=list(FORGED_LINES))
+def test_a_forged_report_line_costs_the_parent_nothing(line):
+    program = ('import gc, os\nfor o in gc.get_objects():\n'
+               "    if isinstance(o, dict) and isinstance(o.get('token'), str):\n"
+               f"        os.write(1, ('\\n' + o['token'] + ' 0 ' + {line} + '\\n').encode())\nraise SystemExit\n")
+    start = time.process_time()
+    assert run(program) == 'fail'
+    assert time.process_time() - start < 0.5
 
 
 @only_root
