@@ -299,17 +299,23 @@ RULES = {
 DANGEROUS_MODULES = {'os', 'sys', 'subprocess', 'shutil', 'socket'}
 DANGEROUS_NAMES = {'eval', 'exec', 'compile', 'open', '__import__'}
 SIDE_EFFECT_NAMES = {'print', 'input'}
-# the fallback for code that does not parse: the same rules as patterns on the text
+# the fallback for code the parser does not take: the same rules as patterns on the text, in time linear in
+# its length (an indent is [ \t]*: \s* would run on over blank lines, in time quadratic in their number)
 DANGER_RE = re.compile(rf"\b(?:import|from)\s+(?:{'|'.join(DANGEROUS_MODULES)})\b|"
                        rf"\b(?:{'|'.join(DANGEROUS_NAMES)})\s*\(")
-SIDE_RE = re.compile(rf"\b(?:{'|'.join(SIDE_EFFECT_NAMES)})\s*\(|^\s*(?:global|nonlocal)\b", re.M)
+SIDE_RE = re.compile(rf"\b(?:{'|'.join(SIDE_EFFECT_NAMES)})\s*\(|^[ \t]*(?:global|nonlocal)\b", re.M)
+# characters; longer code gets the patterns: Python 3.11 parses f-strings in quadratic time (30 ms at this size)
+PARSE_LIMIT = 2**13
 
 
 def check_rules(code):
-    """The gold rule checker: rule name -> True where the code violates it."""
-    try:
-        nodes = list(ast.walk(ast.parse(code)))
-    except (SyntaxError, ValueError):  # ValueError: null bytes
+    """The gold rule checker: rule name -> True where the code violates it. Any text gets a verdict: code
+    that does not parse, or is longer than PARSE_LIMIT, is judged by the patterns on its text."""
+    try:  # ValueError: a null byte or a lone surrogate; RecursionError, MemoryError: nesting too deep to parse
+        nodes = list(ast.walk(ast.parse(code))) if len(code) <= PARSE_LIMIT else None
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        nodes = None
+    if nodes is None:
         return {'no_dangerous_code': bool(DANGER_RE.search(code)), 'no_side_effects': bool(SIDE_RE.search(code))}
     names = {n.id for n in nodes if isinstance(n, ast.Name)}
     modules = {a.name.split('.')[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}

@@ -201,6 +201,24 @@ def test_a_forged_report_line_costs_the_parent_nothing(line):
     assert time.process_time() - start < 0.5
 
 
+TEXTS = {  # program texts that made the judge raise, or stall the parent
+    'deep_unary': 'x = ' + '-' * 2989 + '1\n',  # RecursionError building the tree
+    'deeper_unary': 'x = ' + '-' * 100_000 + '1\n',  # MemoryError: the parser's own stack
+    'blank_lines': '\n' * 20_000 + '(',  # does not parse; the text patterns backtracked over every line
+    'f_string': 'f"' + '{a}' * 35_000 + '"\n',  # Python 3.11 parses f-strings in quadratic time: a second
+    'surrogate': '\ud800', 'null_byte': '\0',
+}
+
+
+@pytest.mark.parametrize('text', list(TEXTS.values()), ids=list(TEXTS))
+def test_the_judge_gives_any_text_a_verdict(text):
+    from tasks import RULES, gold_eval_many, make_tasks
+    start = time.process_time()  # the parent's CPU; the child may take its time to compile
+    [judged] = gold_eval_many(make_tasks('train', 1, 0), [text], timeout=1.0)
+    assert judged['result'] in ('error', 'timeout') and set(judged['violations']) == set(RULES)
+    assert time.process_time() - start < 0.5
+
+
 @only_root
 def test_fails_closed_when_the_child_cannot_drop_root(monkeypatch, capsys):
     monkeypatch.setattr(sandbox, 'UID_BASE', 2**32)  # no such uid: setgid and setuid refuse it
