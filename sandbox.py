@@ -202,10 +202,11 @@ def _run(job, timeout):
 
 def execute(program, tests, timeout=EXEC_TIMEOUT):
     """Run program then tests in a sandboxed child: "pass"; "fail" (an assert failed); "error" (syntax
-    or runtime error, or the program exited or was killed before the tests reported, or the harness
-    could not run it); "timeout" (wall clock or CPU time). Never raises. Tests in the world's shape are
-    judged here from the values the child reports; others by a line with this run's random token,
-    written by the harness after the tests, so printing "pass" or exiting early does not fake one."""
+    or runtime error, or the program exited or was killed, by itself included, before the tests reported,
+    or the harness could not run it); "timeout" (the wall clock ran out first). Never raises. Tests in the
+    world's shape are judged here from the values the child reports; others by a line with this run's
+    random token, written by the harness after the tests, so printing "pass" or exiting early does not fake
+    one."""
     calls, token = _calls(tests), secrets.token_hex(16)
     try:
         job = (program, tests if calls is None else [c[:2] for c in calls], token, _imports(program))
