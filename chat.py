@@ -177,7 +177,8 @@ def annotate(ctx, results, sequences, task):
 
 
 def answer(ctx, m, request, history, task, s, generator, emit):
-    """One model's answer: its text streamed through emit as it grows, then its notes."""
+    """One model's answer: its text streamed through emit as it grows, then its notes; a chat model's history
+    gains the turn, as the engine wrote it."""
     block, pretrained = m.gpt.config.block_size, m.stage == "pretrain"
     max_new = min(s["max_tokens"], FEW_SHOT_NEW) if pretrained and task else s["max_tokens"]
     if pretrained:  # plain text, or the few-shot prompt of tasks.evaluate_few_shot
@@ -210,7 +211,7 @@ def answer(ctx, m, request, history, task, s, generator, emit):
         r["code"] = extract_code(r["text"]) if task else r["text"]
     seq = encode_chat(ctx.enc, task.prompt if task else request, r["code"])[0] if pretrained else prompt + tokens
     emit(dict(model=m.name, done=annotate(ctx, [r], [seq], task)[0]))
-    if not pretrained:  # the turn as the engine wrote it, for the next one; turns that no longer fit are gone
+    if not pretrained:  # turns that no longer fit the block are gone for good: the history stays bounded
         history[:] = history[dropped:] + [(request, tokens[:-1] if ended else tokens)]
     return r
 
@@ -377,8 +378,7 @@ def bind(host, port):
     """The server's socket, bound before any model loads: a bad address or a port in use is an error at once."""
     class Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host ::1
-        daemon_threads = False  # server_close() waits for the answers under way: a Python that exits while its
-        # threads are inside torch aborts (exit 134)
+        daemon_threads = False  # server_close() waits for the answers under way: exiting under them aborts (134)
     return Server((host, port), BaseHTTPRequestHandler)  # serve() gives it its handler
 
 
@@ -389,35 +389,32 @@ def serve(ctx, server, host):
                   reward=ctx.scorers and os.path.basename(os.path.normpath(ctx.scorers.dir)),  # no path of the machine
                   splits=list(PROMPT_SETS), settings=ctx.settings, max_body=MAX_BODY)
     port, name, stopping = server.server_address[1], f"[{host}]" if ":" in host else host, threading.Event()
-    names = {"localhost", "127.0.0.1", "[::1]", name}
-    hosts, anywhere = {f"{n}:{port}" for n in names} | (names if port == 80 else set()), host in ("", "0.0.0.0", "::")
+    names = {"localhost", "127.0.0.1", "[::1]", name}  # what Host may say; any name for a wildcard address
+    hosts = None if host in ("", "0.0.0.0", "::") else {f"{n}:{port}" for n in names} | (names if port == 80 else set())
 
     class Handler(BaseHTTPRequestHandler):
         timeout = SOCKET_TIMEOUT
 
         def refused(self):
-            """Why a request is not the page's own, or None. Host must name this server, so that another site
-            cannot reach it under a name of its own (DNS rebinding); an Origin, which browsers send with every
-            POST and every cross-origin request, must be this server's."""
-            host, origin = self.headers.get("Host", "").lower(), self.headers.get("Origin")
-            if not anywhere and host not in hosts:
-                return f"Host {host!r} is not this server"
-            if origin is not None and origin.lower() != f"http://{host}":
+            """Why a request is not this page's, or None. Host must name this server (DNS rebinding gives another
+            site's name this address); an Origin, sent with every POST and cross-origin request, must be its own."""
+            h, origin = self.headers.get("Host", "").lower(), self.headers.get("Origin")
+            if hosts is not None and h not in hosts:
+                return f"Host {h!r} is not this server"
+            if origin is not None and origin.lower() != f"http://{h}":
                 return f"Origin {origin!r} is not this server's page"
 
-        def head(self, code, kind, length=None):
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("X-Frame-Options", "DENY")  # no other page may frame this one (clickjacking)
+        def end_headers(self):  # on every reply: no other page may frame this one (clickjacking)
+            self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
-            if length is not None:
-                self.send_header("Content-Length", str(length))
-            self.end_headers()
+            super().end_headers()
 
         def reply(self, code, data, kind="application/json"):
             data = data if isinstance(data, bytes) else json.dumps(data).encode()
-            self.head(code, kind, len(data))
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self):
@@ -437,7 +434,7 @@ def serve(ctx, server, host):
 
         def do_POST(self):
             length = int(n) if (n := self.headers.get("Content-Length", "")).isdigit() else -1
-            try:  # read the body before any reply, a refusal too: a reply with bytes unread behind it can be lost
+            try:  # the body is read before any reply, a refusal too: unread bytes behind a reply can reset it
                 for _ in range(min(length, 64 * MAX_BODY) // MAX_BODY if length > MAX_BODY else 0):
                     self.rfile.read(MAX_BODY)
                 body = self.rfile.read(length) if 0 <= length <= MAX_BODY else b""
@@ -451,11 +448,13 @@ def serve(ctx, server, host):
                 return self.reply(415, dict(error="the body must be sent as Content-Type: application/json"))
             if not 0 <= length <= MAX_BODY:
                 return self.reply(413 if length > 0 else 411, dict(error=f"Content-Length must be 0 to {MAX_BODY}"))
-            try:
+            try:  # bad JSON is a ValueError, too deeply nested JSON a RecursionError
                 request, history, s, task, models = parse_chat(ctx, json.loads(body or b"null"))
-            except (ValueError, RecursionError, argparse.ArgumentTypeError) as e:  # bad JSON is a ValueError,
-                return self.reply(400, dict(error=(str(e).splitlines() or [type(e).__name__])[0]))  # deep a Recursion
-            self.head(200, "application/x-ndjson")
+            except (ValueError, RecursionError, argparse.ArgumentTypeError) as e:
+                return self.reply(400, dict(error=(str(e).splitlines() or [type(e).__name__])[0]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
 
             def emit(event):
                 if stopping.is_set():  # Ctrl-C: this answer ends at its next token
@@ -469,12 +468,10 @@ def serve(ctx, server, host):
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who reaches it can use it, with no password", file=sys.stderr)
     print(f"serving {', '.join(m.name for m in ctx.models)} on http://{name}:{port}/", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        stopping.set()
-        print("\n(stopping: the answers under way end at their next token)", file=sys.stderr)
-    server.server_close()  # waits for them
+    stopping.set()  # Ctrl-C
+    server.server_close()  # waits for the answers under way, which end at their next token
 
 # -----------------------------------------------------------------------------
 
@@ -512,22 +509,23 @@ if __name__ == "__main__":
             check_setting(name, getattr(args, name))
         except ValueError as e:
             parser.error(f"argument --{name}: {e}")
-    if not 0 <= args.best_of <= MAX_BEST_OF:
-        parser.error(f"argument --best_of: want 0 (none) to {MAX_BEST_OF} samples, not {args.best_of}")
-    if args.best_of and not args.reward_dir:
-        parser.error("--best_of needs --reward_dir: the reward and rule models pick the best sample")
-    if args.serve and (args.json or args.prompt or args.task):
-        parser.error("--json, --prompt and --task are for the terminal; with --serve the page asks")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"argument --port: want 0 to 65535, not {args.port}")
-    folder = os.path.dirname(os.path.abspath(args.json or "."))
-    if args.json and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # before any answer is generated
-        parser.error(f"argument --json: cannot write into {folder} (no such folder?)")
+    folder = os.path.dirname(os.path.abspath(args.json or "."))  # checked before any answer is generated
+    for bad, message in ((not 0 <= args.best_of <= MAX_BEST_OF, f"--best_of: want 0 to {MAX_BEST_OF}, not "
+                          f"{args.best_of}"),
+                         (args.best_of and not args.reward_dir, "--best_of needs --reward_dir: the reward and rule "
+                          "models pick the best sample"),
+                         (args.serve and (args.json or args.prompt or args.task), "--json, --prompt and --task are for "
+                          "the terminal; with --serve the page asks"),
+                         (not 0 <= args.port <= 65535, f"--port: want 0 to 65535, not {args.port}"),
+                         (args.json and not (os.path.isdir(folder) and os.access(folder, os.W_OK)),
+                          f"--json: cannot write into {folder} (no such folder?)")):
+        if bad:
+            parser.error(message)
     try:
         device, _ = setup_device(args.device)  # fp32 even on a GPU: one sequence at a time is bound by latency
         torch.empty(0, device=device)  # a device this machine lacks fails here, not inside a checkpoint's load
     except (RuntimeError, AssertionError) as e:  # torch says so with either
-        parser.error(f"argument --device: {args.device} is not usable here ({str(e).partition('. ')[0].strip()})")
+        parser.error(f"--device: {args.device} is not usable here ({' '.join(str(e).split()).partition('. ')[0]})")
 
     paths = args.model + args.models or [os.path.join("out", "sft")]
     where = os.path.dirname(os.path.abspath(find_checkpoint(paths[0])))

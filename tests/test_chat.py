@@ -110,7 +110,8 @@ def test_only_the_engine_writes_tool_markers(world, enc):
     engine = [enc.encode_single_token(CALL), *enc.encode_ordinary("calc: 1 + 2"), enc.encode_single_token(CALL_END),
               *enc.encode_ordinary(FAKE)]
     tokens, _ = fit_conversation(enc, [("q", engine)], "next", 256, 8)
-    assert tokens == encode_chat(enc, "q")[0] + engine + [enc.encode_single_token(END)] + encode_chat(enc, "next")[0][1:]
+    end = [enc.encode_single_token(END)]
+    assert tokens == encode_chat(enc, "q")[0] + engine + end + encode_chat(enc, "next")[0][1:]
     (m,) = load_models([str(world / "sft")], enc, "cpu")  # and the history the terminal keeps is those tokens
     ctx = SimpleNamespace(enc=enc, eot=enc.encode_single_token(EOT), end=enc.encode_single_token(END), scorers=None,
                           tools=None)
@@ -163,7 +164,8 @@ def test_clear_errors_before_any_model_loads(world, tmp_path, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         for args, words in (((world / "reward",), "--reward_dir"), ((world / "reward" / "rules.pt",), "--reward_dir"),
-                            ((world / "nothing",), "not found"), ((tmp_path / "empty.pt", *tokenizer), "cannot be read"),
+                            ((world / "nothing",), "not found"),
+                            ((tmp_path / "empty.pt", *tokenizer), "cannot be read"),
                             ((world / "sft", "--tokenizer", world / "sft" / "ckpt.pt"), "is a checkpoint, not a tok"),
                             ((world / "sft", "--best_of", "-1"), "--best_of: want 0"),
                             ((world / "sft", "--serve", "--port", "70000"), "--port: want 0 to 65535"),
@@ -200,10 +202,10 @@ def test_the_terminal_edits_lines_keeps_history_and_takes_long_lines(world):
         for i in range(0, len(keys), 512):  # a pseudo-terminal takes a few KB at a time
             os.write(main, keys[i:i + 512])
         deadline = time.time() + timeout
-        while expected not in seen:
-            assert select.select([main], [], [], max(0, deadline - time.time()))[0], seen[-500:]
-            seen += os.read(main, 1 << 16)
-        seen = seen[seen.index(expected) + len(expected):]
+        while expected not in seen or b"> " not in seen[seen.index(expected):]:  # and the next prompt: typed
+            assert select.select([main], [], [], max(0, deadline - time.time()))[0], seen[-500:]  # before it, keys
+            seen += os.read(main, 1 << 16)  # meet the kernel's line editing, not readline
+        seen = seen[seen.index(b"> ", seen.index(expected)) + 2:]
     try:
         type_and_see(b"", b"> ")  # the models loaded, the prompt is up
         type_and_see(b"/top_k 5\x1b[D1\r", b"(top_k = 15)")  # left arrow, then a 1 before the 5
