@@ -532,19 +532,16 @@ if __name__ == "__main__":
     tokenizer = args.tokenizer or next((p for p in (os.path.join(d, "tokenizer.json") for d in (
         where, os.path.dirname(where))) if os.path.exists(p)), os.path.join("out", "tokenizer.json"))
     try:
+        server = bind(args.host, args.port) if args.serve else None
+    except OSError as e:  # a name that does not resolve, a port in use or not ours to take
+        sys.exit(f"chat.py: cannot serve on {args.host}:{args.port}: {e.strerror or e}")
+    try:
         for p in [find_checkpoint(p) for p in paths] + [tokenizer]:
             if not os.path.isfile(p):
                 raise CheckpointError(f"not found: {p} (run the stage that writes it first, or pass another path)")
         if zipfile.is_zipfile(tokenizer):  # torch writes checkpoints as zip files
             raise CheckpointError(f"{tokenizer} is a checkpoint, not a tokenizer: pass the tokenizer.json of its run")
         enc = load_tokenizer(tokenizer)
-    except (CheckpointError, ValueError) as e:  # load_tokenizer's ValueError: a file that is no tokenizer
-        sys.exit(f"chat.py: {e}")
-    try:
-        server = bind(args.host, args.port) if args.serve else None
-    except OSError as e:  # a name that does not resolve, a port in use or not ours to take
-        sys.exit(f"chat.py: cannot serve on {args.host}:{args.port}: {e.strerror or e}")
-    try:
         ctx = SimpleNamespace(enc=enc, device=device, eot=enc.encode_single_token(EOT),
                               end=enc.encode_single_token(END), models=load_models(paths, enc, device),
                               best_of=args.best_of, world_seed=args.world_seed,
@@ -554,7 +551,7 @@ if __name__ == "__main__":
                               # the toolset (tools.py), its documentation index cached beside the tokenizer
                               tools=None if args.no_tools else LazyTools(enc, os.path.join(os.path.dirname(
                                   os.path.abspath(tokenizer)), os.path.join("docs", "index.json"))))
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # load_tokenizer's ValueError: a file that is no tokenizer
         sys.exit(f"chat.py: {e}")
     if args.serve:
         serve(ctx, server, args.host)
