@@ -11,8 +11,8 @@ format, calling its tools. Answers stream from model.generate_stream, the engine
         --task test:3 --task test:17 --json out/examples.json  # held-out requests, side by side, as JSON
     python chat.py --models out/sft out/ppo --reward_dir out/reward --serve   # the page, http://127.0.0.1:8000/
 
-Commands: /reset /temperature 0.7 /top_k 50 /top_p 0.9 /max_tokens 96 /seed 1 /task [SET] [INDEX] /quit. A task
-(default: a random held-out one) is answered in a new conversation and judged by its hidden tests. Ctrl-C ends
+Commands: /reset /temperature 0.7 /top_k 50 /top_p 0.9 /max_tokens 96 /seed 1 /task [SET[:INDEX]] /quit. A task
+(/task test:3, or a random held-out one) starts a new conversation and is judged by its hidden tests. Ctrl-C ends
 an answer, not the program. When a conversation outgrows the block, its oldest turns are dropped.
 """
 import argparse
@@ -23,9 +23,11 @@ import json
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import parse_qs, urlparse
@@ -33,8 +35,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from common import HelpFormatter, setup_device, write_json
-from data import (CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_conversation, load_tokenizer,
-                  segments)
+from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
 from tasks import PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt, gold_eval_many, prompt_set
 from tools import ToolRunner, load_index
@@ -44,18 +45,18 @@ SETTINGS = dict(temperature=(float, 0.0, 2.0, 0.6), top_k=(int, 0, 10**6, 50),  
 N_SHOTS, FEW_SHOT_NEW = 2, 80  # a pretrained model on a task: sft.py's --n_shots, tasks.evaluate_few_shot's tokens
 TASK_LIMIT = 500  # tasks of each prompt set that /task and --task can name
 HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compositions, what the report measures
-MAX_BODY, MAX_REQUEST, SERVE_MAX_TOKENS = 64 * 2**10, 4000, 256  # the server's limits: body bytes, request chars
+MAX_BODY, MAX_REQUEST, MAX_BEST_OF = 64 * 2**10, 4000, 64  # the limits: body bytes, request chars, best-of samples
+SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request or stop reading; then its thread is free again
 COLORS = {CALL: "\033[36m" + CALL, CALL_END: CALL_END + "\033[0m", RESULT: "\033[33m" + RESULT,
           RESULT_END: RESULT_END + "\033[0m"}  # tool calls and results, set apart on a terminal
 
 
-def check_setting(name, value, max_tokens_cap=None):
+def check_setting(name, value):
     """The same checks for flags, terminal commands and the web API; a ValueError says what is wrong."""
     kind, low, high, _ = SETTINGS[name]
-    high = min(high, max_tokens_cap) if name == "max_tokens" and max_tokens_cap else high
     try:
         v = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(1e400): JSON's huge numbers are infinite floats
         v = None
     if v is None or isinstance(value, bool) or (isinstance(value, float) and v != value) or not low <= v <= high:
         raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'} in [{low}, {high}], "
@@ -138,12 +139,24 @@ class LazyTools:
 def fit_conversation(enc, history, request, block_size, max_new):
     """The conversation's tokens, open after <|assistant|>, and how many of its oldest turns were dropped so
     that it and max_new tokens fit the block. Whole turns go from the front, so it still starts <|endoftext|>
-    <|user|>. (None, n) if the request alone does not fit."""
-    for k in range(len(history) + 1):
-        tokens = encode_conversation(enc, [(q, segments(a)) for q, a in history[k:]] + [(request, None)])[0]
-        if len(tokens) + max_new <= block_size:
-            return tokens, k
-    return None, len(history)
+    <|user|>. (None, n) if the request alone does not fit.
+
+    A past answer is the engine's own tokens (the terminal keeps them) or text (the page's history, any
+    client's): text is read as ordinary tokens, so that neither a client nor a model spelling <|result|> with
+    ordinary tokens can plant a tool result; only the engine writes the tools' special tokens. Turns are
+    encoded newest first, each once, until the block is full: the work is bounded by the block, not the history."""
+    tokens = encode_chat(enc, request)[0]  # <|endoftext|> <|user|> request <|assistant|>
+    room, kept = block_size - max_new - len(tokens), []
+    for q, a in reversed(history):
+        turn = encode_chat(enc, q)[0][1:] + (a + [enc.encode_single_token(END)] if isinstance(a, list)
+                                              else encode_response(enc, a)[0])
+        if len(turn) > room:
+            break
+        room -= len(turn)
+        kept.append(turn)
+    if room < 0:
+        return None, len(history)
+    return tokens[:1] + [t for turn in reversed(kept) for t in turn] + tokens[1:], len(history) - len(kept)
 
 
 @torch.no_grad()
@@ -164,7 +177,8 @@ def annotate(ctx, results, sequences, task):
 
 
 def answer(ctx, m, request, history, task, s, generator, emit):
-    """One model's answer: its text streamed through emit as it grows, then its notes."""
+    """One model's answer: its text streamed through emit as it grows, then its notes; a chat model's history
+    gains the turn, as the engine wrote it."""
     block, pretrained = m.gpt.config.block_size, m.stage == "pretrain"
     max_new = min(s["max_tokens"], FEW_SHOT_NEW) if pretrained and task else s["max_tokens"]
     if pretrained:  # plain text, or the few-shot prompt of tasks.evaluate_few_shot
@@ -197,6 +211,8 @@ def answer(ctx, m, request, history, task, s, generator, emit):
         r["code"] = extract_code(r["text"]) if task else r["text"]
     seq = encode_chat(ctx.enc, task.prompt if task else request, r["code"])[0] if pretrained else prompt + tokens
     emit(dict(model=m.name, done=annotate(ctx, [r], [seq], task)[0]))
+    if not pretrained:  # turns that no longer fit the block are gone for good: the history stays bounded
+        history[:] = history[dropped:] + [(request, tokens[:-1] if ended else tokens)]
     return r
 
 
@@ -222,14 +238,17 @@ def best_of(ctx, m, request, history, task, s, generator, emit):
 
 
 def answer_all(ctx, request, histories, s, emit, task=None, models=None, generators=None):
-    """Every model's answer to one request, then the best-of-n column. Without generators (the server), each
-    answer samples from the seed alone: the same settings give the same answers."""
+    """Every model's answer to one request (each chat model's history, a list in histories, gains the turn), then
+    the best-of-n column when its model was asked. Without generators (the server), each answer samples from the
+    seed alone: the same settings give the same answers."""
     gens = generators or {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
                           for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
-    results = [answer(ctx, m, request, histories.get(m.name, []), task, s, gens[m.name], emit)
+    first = next((m for m in ctx.models if m.stage != "pretrain"), None)  # the model best-of samples
+    past = list(histories.get(first.name, [])) if first else []  # its history before this turn
+    results = [answer(ctx, m, request, histories.setdefault(m.name, []), task, s, gens[m.name], emit)
                for m in models or ctx.models]
-    if ctx.best_of and (chat := [m for m in ctx.models if m.stage != "pretrain"]):
-        results.append(best_of(ctx, chat[0], request, histories.get(chat[0].name, []), task, s, gens["best_of"], emit))
+    if ctx.best_of and any(m is first for m in models or ctx.models):  # no column for a model not asked
+        results.append(best_of(ctx, first, request, past, task, s, gens["best_of"], emit))
     return [r for r in results if r]
 
 # -----------------------------------------------------------------------------
@@ -261,6 +280,11 @@ def printer(ctx, stats):
 
 
 def typed_lines():
+    """Lines typed or piped in. On a terminal, the standard library's readline gives line editing and history
+    (arrow keys), and reads keys one by one: the kernel's own line editing would cut a line at 4,095 bytes."""
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):  # not on every platform; input() works without it
+            import readline  # noqa: F401  (importing it is what turns it on for input())
     while True:
         try:
             yield input("> " if sys.stdin.isatty() else "")
@@ -270,10 +294,10 @@ def typed_lines():
             print("\n(/quit or Ctrl-D to leave)", file=sys.stderr)
 
 
-def run_terminal(ctx, s, lines, stats, record=None):
-    """A request or a command per line; with record, every answer and its notes go into that list too."""
+def run_terminal(ctx, s, lines, stats, label, record=None):
+    """A request or a command per line. With label, each answer comes under a line naming its request (piped, or
+    several at once: answers that would run together); with record, every answer and its notes go into it too."""
     histories, gens = {}, None
-    echo = (record is not None or not sys.stdin.isatty()) and (len(ctx.models) > 1 or ctx.best_of)
     for line in lines:
         line, task = line.strip(), None
         if line in ("/quit", "/exit"):
@@ -283,12 +307,12 @@ def run_terminal(ctx, s, lines, stats, record=None):
             try:
                 if cmd in SETTINGS:
                     s[cmd] = check_setting(cmd, arg)
-                elif cmd == "task":
-                    split, _, index = arg.partition(" ")
-                    split, index = task_spec(f"{split or HELD_OUT}:{index or random.randrange(TASK_LIMIT)}")
+                elif cmd == "task":  # /task, /task test, /task test:3 (and /task test 3)
+                    split, _, index = arg.replace(":", " ").partition(" ")
+                    split, index = task_spec(f"{split or HELD_OUT}:{index.strip() or random.randrange(TASK_LIMIT)}")
                     task, line = task_list(split, ctx.world_seed)[index], f"{split}:{index}"
                 elif cmd != "reset":
-                    raise ValueError(f"commands: /reset /quit /task [SET] [INDEX] /{' /'.join(SETTINGS)} VALUE")
+                    raise ValueError(f"commands: /reset /quit /task [SET[:INDEX]] /{' /'.join(SETTINGS)} VALUE")
                 histories = {} if cmd in ("reset", "task") else histories
                 gens = None if cmd == "seed" else gens
                 print(f"({cmd} = {s[cmd]})" if cmd in SETTINGS else "(new conversation)", file=sys.stderr)
@@ -302,15 +326,15 @@ def run_terminal(ctx, s, lines, stats, record=None):
             gens = {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
                     for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
         request = task.prompt if task else line
-        if echo or task:
-            print(f"=== {line}: {request}" if task else f"=== {request}", file=sys.stdout if echo else sys.stderr)
+        if label or task:
+            print(f"=== {line}: {request}" if task else f"=== {request}", file=sys.stdout if label else sys.stderr)
+        turn = {name: list(h) for name, h in histories.items()}  # the histories after this turn, if it completes
         try:
-            results = answer_all(ctx, request, histories, s, printer(ctx, stats), task, generators=gens)
+            results = answer_all(ctx, request, turn, s, printer(ctx, stats), task, generators=gens)
         except KeyboardInterrupt:
             print("\n(stopped; this turn is not kept)", file=sys.stderr)
             continue
-        for r in [] if task else [r for r in results if r["stage"] in ("sft", "ppo")]:
-            histories.setdefault(r["model"], []).append((request, r["text"]))
+        histories = turn
         if record is not None:  # timings only with --stats, so that the file is the same on every run
             record.append(dict(request=request, task=line if task else None, answers=[
                 {k: v for k, v in r.items() if stats or k not in ("ttft_s", "tok_per_s")} for r in results]))
@@ -325,10 +349,10 @@ def parse_chat(ctx, body):
         raise ValueError("the body must be a JSON object")
     if unknown := set(body) - {"request", "history", "task", "models", *SETTINGS}:
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    s = {k: check_setting(k, body.get(k, ctx.settings[k]), SERVE_MAX_TOKENS) for k in SETTINGS}
-    names, known = body.get("models", [m.name for m in ctx.models]), [m.name for m in ctx.models]
-    if not isinstance(names, list) or not names or (bad := [n for n in names if n not in known]):
-        raise ValueError(f"unknown model(s) {bad if isinstance(names, list) else names}; here: {', '.join(known)}")
+    s = {k: check_setting(k, body.get(k, ctx.settings[k])) for k in SETTINGS}
+    known = [m.name for m in ctx.models]
+    if not isinstance(names := body.get("models", known), list) or not names or any(n not in known for n in names):
+        raise ValueError(f"models must be a non-empty list of names from: {', '.join(known)}")
     if (t := body.get("task")) is not None:
         if not isinstance(t, dict) or set(t) != {"split", "index"} or type(t["index"]) is not int:
             raise ValueError('task must be {"split": SET, "index": N}')
@@ -340,16 +364,51 @@ def parse_chat(ctx, body):
     if not isinstance(history, dict) or not all(isinstance(h, list) and all(isinstance(p, list) and len(p) == 2 and all(
             isinstance(x, str) for x in p) for p in h) for h in history.values()):
         raise ValueError("history must map model names to lists of [request, answer] pairs")
-    return request.strip(), history, s, task, [m for m in ctx.models if m.name in names]
+    models = [m for m in ctx.models if m.name in names]
+    for m in models:  # max_tokens bounded by what fits: the request (a pretrained model's is cut) and the answer
+        block = m.gpt.config.block_size
+        room = block - (1 if m.stage == "pretrain" else len(encode_chat(ctx.enc, request.strip())[0]))
+        if s["max_tokens"] > room:
+            raise ValueError(f"max_tokens {s['max_tokens']} does not fit: {m.name}'s {block}-token block leaves "
+                             f"room for {max(room, 0)} after this request")
+    return request.strip(), history, s, task, models
 
 
-def serve(ctx, host, port):
+def bind(host, port):
+    """The server's socket, bound before any model loads: a bad address or a port in use is an error at once."""
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET  # --host ::1
+        daemon_threads = False  # server_close() waits for the answers under way: exiting under them aborts (134)
+    return Server((host, port), BaseHTTPRequestHandler)  # serve() gives it its handler
+
+
+def serve(ctx, server, host):
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html"), "rb") as f:
         page = f.read()
     config = dict(models=[dict(name=m.name, stage=m.stage) for m in ctx.models], best_of=ctx.best_of, split=HELD_OUT,
-                  reward=ctx.scorers and ctx.scorers.dir, splits=list(PROMPT_SETS), settings=ctx.settings)
+                  reward=ctx.scorers and os.path.basename(os.path.normpath(ctx.scorers.dir)),  # no path of the machine
+                  splits=list(PROMPT_SETS), settings=ctx.settings, max_body=MAX_BODY)
+    port, name, stopping = server.server_address[1], f"[{host}]" if ":" in host else host, threading.Event()
+    names = {"localhost", "127.0.0.1", "[::1]", name}  # what Host may say; any name for a wildcard address
+    hosts = None if host in ("", "0.0.0.0", "::") else {f"{n}:{port}" for n in names} | (names if port == 80 else set())
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = SOCKET_TIMEOUT
+
+        def refused(self):
+            """Why a request is not this page's, or None. Host must name this server (DNS rebinding gives another
+            site's name this address); an Origin, sent with every POST and cross-origin request, must be its own."""
+            h, origin = self.headers.get("Host", "").lower(), self.headers.get("Origin")
+            if hosts is not None and h not in hosts:
+                return f"Host {h!r} is not this server"
+            if origin is not None and origin.lower() != f"http://{h}":
+                return f"Origin {origin!r} is not this server's page"
+
+        def end_headers(self):  # on every reply: no other page may frame this one (clickjacking)
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            super().end_headers()
+
         def reply(self, code, data, kind="application/json"):
             data = data if isinstance(data, bytes) else json.dumps(data).encode()
             self.send_response(code)
@@ -360,6 +419,8 @@ def serve(ctx, host, port):
 
         def do_GET(self):
             url, q = urlparse(self.path), parse_qs(urlparse(self.path).query)
+            if why := self.refused():
+                return self.reply(403, dict(error=why))
             if url.path in ("/", "/api/config"):
                 return self.reply(200, page, "text/html; charset=utf-8") if url.path == "/" else self.reply(200, config)
             if url.path != "/api/task":
@@ -372,35 +433,45 @@ def serve(ctx, host, port):
             self.reply(200, dict(split=split, index=i, prompt=task_list(split, ctx.world_seed)[i].prompt))
 
         def do_POST(self):
+            length = int(n) if (n := self.headers.get("Content-Length", "")).isdigit() else -1
+            try:  # the body is read before any reply, a refusal too: unread bytes behind a reply can reset it
+                for _ in range(min(length, 64 * MAX_BODY) // MAX_BODY if length > MAX_BODY else 0):
+                    self.rfile.read(MAX_BODY)
+                body = self.rfile.read(length) if 0 <= length <= MAX_BODY else b""
+            except TimeoutError:
+                return self.reply(408, dict(error=f"the body did not come within {SOCKET_TIMEOUT} s"))
+            if why := self.refused():
+                return self.reply(403, dict(error=why))
             if urlparse(self.path).path != "/api/chat":
                 return self.reply(404, dict(error=f"no such endpoint: {self.path}"))
-            length = int(n) if (n := self.headers.get("Content-Length", "0")).isdigit() else -1
-            if length < 0:
-                return self.reply(400, dict(error="Content-Length must be a number of bytes"))
-            if length > MAX_BODY:
-                for _ in range(min(length, 64 * MAX_BODY) // MAX_BODY):  # read it, so that the client hears the 413
-                    self.rfile.read(MAX_BODY)
-                return self.reply(413, dict(error=f"a body of {length} bytes: the limit is {MAX_BODY}"))
-            try:
-                request, history, s, task, models = parse_chat(ctx, json.loads(self.rfile.read(length) or b"null"))
-            except (ValueError, argparse.ArgumentTypeError) as e:  # bad JSON is a ValueError too
-                return self.reply(400, dict(error=str(e).splitlines()[0]))
+            if self.headers.get_content_type() != "application/json":  # a form or a no-cors fetch cannot send it
+                return self.reply(415, dict(error="the body must be sent as Content-Type: application/json"))
+            if not 0 <= length <= MAX_BODY:
+                return self.reply(413 if length > 0 else 411, dict(error=f"Content-Length must be 0 to {MAX_BODY}"))
+            try:  # bad JSON is a ValueError, too deeply nested JSON a RecursionError
+                request, history, s, task, models = parse_chat(ctx, json.loads(body or b"null"))
+            except (ValueError, RecursionError, argparse.ArgumentTypeError) as e:
+                return self.reply(400, dict(error=(str(e).splitlines() or [type(e).__name__])[0]))
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
             self.end_headers()
 
             def emit(event):
+                if stopping.is_set():  # Ctrl-C: this answer ends at its next token
+                    raise ConnectionAbortedError
                 self.wfile.write(json.dumps(event).encode() + b"\n")
                 self.wfile.flush()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the page went away: stop there
+            with contextlib.suppress(ConnectionError, TimeoutError):  # the page went away, or the server stops
                 answer_all(ctx, request, history, s, emit, task, models)
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    server.RequestHandlerClass = Handler
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who reaches it can use it, with no password", file=sys.stderr)
-    print(f"serving {', '.join(m.name for m in ctx.models)} on http://{host}:{server.server_address[1]}/", flush=True)
+    print(f"serving {', '.join(m.name for m in ctx.models)} on http://{name}:{port}/", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
+    stopping.set()  # Ctrl-C
+    server.server_close()  # waits for the answers under way, which end at their next token
 
 # -----------------------------------------------------------------------------
 
@@ -411,7 +482,8 @@ if __name__ == "__main__":
     parser.add_argument("model", nargs="*", help="checkpoints or run folders to talk to; out/sft if none")
     parser.add_argument("--models", nargs="+", default=[], help="more of them; each answers every request")
     parser.add_argument("--reward_dir", help="the reward stage's folder (reward.pt, rules.pt): scores every answer")
-    parser.add_argument("--best_of", type=int, default=0, help="add the best of N samples of the first chat model")
+    parser.add_argument("--best_of", type=int, default=0, help=f"add the best of N samples (N <= {MAX_BEST_OF}) of "
+                        "the first chat model")
     parser.add_argument("--tokenizer", help="default: tokenizer.json in the first model's folder or the one above")
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--no_tools", action="store_true", help="do not run the tools a chat model calls")
@@ -424,11 +496,12 @@ if __name__ == "__main__":
     parser.add_argument("--task", action="append", type=task_spec, default=[], help="SET:INDEX, a request of the "
                         "world judged by its hidden tests, e.g. test:3 (held-out compositions); repeatable")
     parser.add_argument("--world_seed", type=int, default=1337, help="the pipeline's --seed: test:3 is its prompt 3")
-    parser.add_argument("--json", help="write every answer and its notes to this file")
+    parser.add_argument("--json", help="write every answer and its notes to this file (not with --serve)")
     parser.add_argument("--stats", action="store_true", help="show context size, time to first token and tokens/s")
     # the web page
     parser.add_argument("--serve", action="store_true", help="serve the chat page instead of the terminal")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on; anything but this machine warns")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (::1 too); anything but this "
+                        "machine warns")
     parser.add_argument("--port", type=int, default=8000, help="port of the page (0: any free one)")
     args = parser.parse_args()
     for name in SETTINGS:
@@ -436,18 +509,38 @@ if __name__ == "__main__":
             check_setting(name, getattr(args, name))
         except ValueError as e:
             parser.error(f"argument --{name}: {e}")
-    if args.best_of and not args.reward_dir:
-        parser.error("--best_of needs --reward_dir: the reward and rule models pick the best sample")
+    folder = os.path.dirname(os.path.abspath(args.json or "."))  # checked before any answer is generated
+    for bad, message in ((not 0 <= args.best_of <= MAX_BEST_OF, f"--best_of: want 0 to {MAX_BEST_OF}, not "
+                          f"{args.best_of}"),
+                         (args.best_of and not args.reward_dir, "--best_of needs --reward_dir: the reward and rule "
+                          "models pick the best sample"),
+                         (args.serve and (args.json or args.prompt or args.task), "--json, --prompt and --task are for "
+                          "the terminal; with --serve the page asks"),
+                         (not 0 <= args.port <= 65535, f"--port: want 0 to 65535, not {args.port}"),
+                         (args.json and not (os.path.isdir(folder) and os.access(folder, os.W_OK)),
+                          f"--json: cannot write into {folder} (no such folder?)")):
+        if bad:
+            parser.error(message)
+    try:
+        device, _ = setup_device(args.device)  # fp32 even on a GPU: one sequence at a time is bound by latency
+        torch.empty(0, device=device)  # a device this machine lacks fails here, not inside a checkpoint's load
+    except (RuntimeError, AssertionError) as e:  # torch says so with either
+        parser.error(f"--device: {args.device} is not usable here ({' '.join(str(e).split()).partition('. ')[0]})")
 
-    device, _ = setup_device(args.device)  # fp32 even on a GPU: one sequence at a time is bound by latency
     paths = args.model + args.models or [os.path.join("out", "sft")]
     where = os.path.dirname(os.path.abspath(find_checkpoint(paths[0])))
     tokenizer = args.tokenizer or next((p for p in (os.path.join(d, "tokenizer.json") for d in (
         where, os.path.dirname(where))) if os.path.exists(p)), os.path.join("out", "tokenizer.json"))
     try:
+        server = bind(args.host, args.port) if args.serve else None
+    except OSError as e:  # a name that does not resolve, a port in use or not ours to take
+        sys.exit(f"chat.py: cannot serve on {args.host}:{args.port}: {e.strerror or e}")
+    try:
         for p in [find_checkpoint(p) for p in paths] + [tokenizer]:
-            if not os.path.exists(p):
+            if not os.path.isfile(p):
                 raise CheckpointError(f"not found: {p} (run the stage that writes it first, or pass another path)")
+        if zipfile.is_zipfile(tokenizer):  # torch writes checkpoints as zip files
+            raise CheckpointError(f"{tokenizer} is a checkpoint, not a tokenizer: pass the tokenizer.json of its run")
         enc = load_tokenizer(tokenizer)
         ctx = SimpleNamespace(enc=enc, device=device, eot=enc.encode_single_token(EOT),
                               end=enc.encode_single_token(END), models=load_models(paths, enc, device),
@@ -458,17 +551,21 @@ if __name__ == "__main__":
                               # the toolset (tools.py), its documentation index cached beside the tokenizer
                               tools=None if args.no_tools else LazyTools(enc, os.path.join(os.path.dirname(
                                   os.path.abspath(tokenizer)), os.path.join("docs", "index.json"))))
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # load_tokenizer's ValueError: a file that is no tokenizer
         sys.exit(f"chat.py: {e}")
     if args.serve:
-        serve(ctx, args.host, args.port)
-    elif args.prompt or args.task:  # one-shot: each request in a new conversation
-        record = []
-        run_terminal(ctx, dict(ctx.settings), [x for p in args.prompt for x in (p, "/reset")] +
-                     ["/task %s %d" % t for t in args.task], args.stats, record)
-        if args.json:
-            write_json(args.json, dict(models={m.name: m.path for m in ctx.models}, reward_dir=args.reward_dir,
-                                       best_of=args.best_of, settings=ctx.settings, world_seed=args.world_seed,
-                                       requests=record))
-    else:
-        run_terminal(ctx, dict(ctx.settings), typed_lines(), args.stats)
+        serve(ctx, server, args.host)
+        sys.exit()
+    one_shot, record = args.prompt or args.task, [] if args.json else None  # one-shot: each in a new conversation
+    lines = [x for p in args.prompt for x in (p, "/reset")] + ["/task %s:%d" % t for t in args.task]
+    # labelled where answers would run together: several requests or models at once, or requests from a pipe
+    label = (len(ctx.models) > 1 or args.best_of or len(lines) > 2) if one_shot else not sys.stdin.isatty()
+    try:
+        run_terminal(ctx, dict(ctx.settings), lines if one_shot else typed_lines(), args.stats, label, record)
+    except BrokenPipeError:  # `| head -1`: the reader has gone, so stop, quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and Python's last flush finds no pipe
+        sys.exit(1)
+    if args.json:
+        write_json(args.json, dict(models={m.name: m.path for m in ctx.models}, reward_dir=args.reward_dir,
+                                   best_of=args.best_of, settings=ctx.settings, world_seed=args.world_seed,
+                                   requests=record))

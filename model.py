@@ -455,8 +455,9 @@ def load_checkpoint(path, stages, tokenizer=None, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated, corrupt or crafted files fail in many ways inside the unpickler
+        why = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file's error has no message
         raise CheckpointError(f"checkpoint {path} cannot be read (cut short, corrupt, or not a checkpoint of "
-                              f"plain weights): {str(e).splitlines()[0]}") from e
+                              f"plain weights): {why}") from e
     if not isinstance(ckpt, dict) or "stage" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint written by this project")
     if ckpt["stage"] not in stages:
