@@ -32,7 +32,13 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
 Honest simplifications: few iterations (a CPU budget; InstructGPT ran 256k episodes); the KL in the
 reward uses the sampled log-ratio (k1), the usual estimator, and GRPO's in the loss the k3 one; the
 rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance; GRPO
-groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here.
+groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here. GRPO's
+loss, like PPO's, is a mean over the minibatch's tokens, where Shao et al.'s eq. 3 averages each
+response's tokens and then the responses: every token weighs the same whatever its response's length
+(DAPO's token-level loss, Yu et al. 2025), so a long wrong answer is not penalized less per token
+than a short one, the length bias Liu et al. 2025 find in eq. 3. No run passes a tool runner to the
+rollouts (programming requests need no lookup), so no tool result is ever forced into a response in
+RL here; the masks, GAE and the reranking leave such tokens out all the same, and tests pin it.
 """
 import argparse
 import json
