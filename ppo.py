@@ -563,7 +563,8 @@ if __name__ == "__main__":
 
         # ---------------- LOGGING ----------------
         kl = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()  # nats per response, KL(policy || SFT)
-        # the scoring forward against the sampler: ~0 (float error) unless their temperatures or models differ
+        # the scoring forward against the sampler: float error only (more under bf16 than fp32), unless their
+        # temperatures or models differ, when PPO's ratio would not start from the policy that sampled
         sampler_dev = ((old_logprobs - sampled_logprobs).abs() * mask).max().item()
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
                    **({} if evals is None else dict(pass_rate=passed.mean().item(),
