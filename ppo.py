@@ -32,7 +32,13 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
 Honest simplifications: few iterations (a CPU budget; InstructGPT ran 256k episodes); the KL in the
 reward uses the sampled log-ratio (k1), the usual estimator, and GRPO's in the loss the k3 one; the
 rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance; GRPO
-groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here.
+groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here. GRPO's
+loss, like PPO's, is a mean over the minibatch's tokens, where Shao et al.'s eq. 3 averages each
+response's tokens and then the responses: every token weighs the same whatever its response's length
+(DAPO's token-level loss, Yu et al. 2025), so a long wrong answer is not penalized less per token
+than a short one, the length bias Liu et al. 2025 find in eq. 3. No run passes a tool runner to the
+rollouts (programming requests need no lookup), so no tool result is ever forced into a response in
+RL here; the masks, GAE and the reranking leave such tokens out all the same, and tests pin it.
 """
 import argparse
 import json
@@ -96,6 +102,23 @@ def pack_rollouts(prompts, responses, pad_id, device, forced=None):
     return full[:, :-1].to(device), full[:, 1:].to(device), mask.to(device)
 
 
+def rollout_batch(prompts, gen, end_id, pad_id, device):
+    """What an iteration reads from its rollouts (gen: model.generate's Generation): the responses
+    (token lists, the end token included where they ended); ended (B,), 0 for a response cut off at
+    max_new_tokens, which pays the missing-end penalty; pack_rollouts' x, targets and mask, forced
+    tool tokens out of the mask; and the sampler's log-probs of the actions in that layout (B, T),
+    which the scoring forward must reproduce: PPO's ratio is to the policy that sampled."""
+    lengths = gen.lengths.tolist()
+    responses = [row[:n] for row, n in zip(gen.tokens.tolist(), lengths)]
+    forced = [row[:n] for row, n in zip(gen.forced.tolist(), lengths)]
+    ended = torch.tensor([r[-1] == end_id for r in responses], dtype=torch.float, device=device)
+    x, targets, mask = pack_rollouts(prompts, responses, pad_id, device, forced)
+    sampled_logprobs = torch.zeros_like(mask)
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        sampled_logprobs[i, len(p) - 1:len(p) - 1 + n] = gen.logprobs[i, :n]  # 0 where forced, as off the mask
+    return responses, ended, x, targets, mask, sampled_logprobs
+
+
 def policy_logprobs(model, x, targets, mask, temperature):
     """Log-probabilities of the actions (targets where mask is 1) under the model's logits divided
     by the sampling temperature (the same in rollout, reference and update), and the entropy of
@@ -115,6 +138,22 @@ def token_values(value_model, x):
     """The value of each state (B, T): index t is the state after token t, the one whose action is
     targets[:, t], so the value model reads the same position the policy's logits come from."""
     return value_model(x)[0][..., 0]  # a scored model's forward: (B, T, 1) scores
+
+
+@torch.no_grad()
+def rollout_logprobs(policy, reference, value_model, x, targets, mask, order, minibatch, temperature):
+    """The rollout's old log-probs (the policy's), the reference's and the old values (B, T), from a
+    fresh forward in exactly the layout of the update's first epoch (order, cut into minibatches),
+    not from sampling: so the first ratio is exactly 1. All at the sampling temperature: the policy
+    PPO's ratio starts from and the reference the KL is taken to are the distributions sampled from."""
+    old_logprobs, ref_logprobs, old_values = (torch.zeros_like(mask) for _ in range(3))
+    for start in range(0, len(order), minibatch):
+        idx = torch.tensor(order[start:start + minibatch], device=mask.device)
+        old_logprobs[idx] = policy_logprobs(policy, x[idx], targets[idx], mask[idx], temperature)[0]
+        ref_logprobs[idx] = policy_logprobs(reference, x[idx], targets[idx], mask[idx], temperature)[0]
+        if value_model is not None:
+            old_values[idx] = token_values(value_model, x[idx]).float()
+    return old_logprobs, ref_logprobs, old_values
 
 
 @torch.no_grad()
@@ -194,6 +233,20 @@ def group_advantages(scores, group_size, mask, eps=1e-6):
     return normalized.view(-1, 1) * mask
 
 
+def rollout_advantages(args, beta, score, logprobs, ref_logprobs, values, mask):
+    """What the update learns from, and where the KL to the reference goes: (advantages (B, T),
+    returns (B, T) or None, the KL's coefficient in the loss). gae: the KL penalty in every token's
+    reward, GAE, whitened; the returns are the value model's targets; no KL in the loss. grpo:
+    group-relative advantages; no value model, no returns; the KL in the loss, times beta (Shao et
+    al. 2024, eq. 3). It reads ppo.py's flags (advantage, gamma, lam, group_size) from args itself,
+    so that no call can hand GAE its two discounts the wrong way round."""
+    if args.advantage == "gae":
+        rewards, _ = shaped_rewards(score, logprobs, ref_logprobs, mask, beta)
+        advantages, returns = gae_advantages(rewards, values * mask, mask, args.gamma, args.lam)
+        return advantages, returns, 0.0
+    return group_advantages(score, args.group_size, mask), None, beta
+
+
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip):
     """The clipped surrogate (Schulman et al. 2017, eq. 7), as a loss, averaged over actions. Also
     returns the fraction of actions where the clip was active."""
@@ -229,7 +282,9 @@ def minibatch_losses(policy, value_model, mb, temperature, clip, value_clip, kl_
                      ratio_dev=((torch.exp(log_r) - 1).abs() * m).max().item())
     if kl_coef:
         log_ref = mb["ref_logprobs"] - logprobs
-        policy_loss = policy_loss + kl_coef * masked_mean(torch.exp(log_ref) - 1 - log_ref, m)  # k3 (Shao, eq. 4)
+        kl_ref = masked_mean(torch.exp(log_ref) - 1 - log_ref, m)  # k3 (Shao, eq. 4)
+        policy_loss = policy_loss + kl_coef * kl_ref
+        stats["kl_ref"] = kl_ref.item()
     if ptx is not None and ptx_coef:
         ptx_loss = policy(*ptx)[1]
         policy_loss = policy_loss + ptx_coef * ptx_loss
@@ -458,41 +513,25 @@ if __name__ == "__main__":
         with torch.no_grad(), autocast:
             gen = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
                                   generator=sample_rng)
-        responses = [row[:n] for row, n in zip(gen.tokens.tolist(), gen.lengths.tolist())]
-        forced = [row[:n] for row, n in zip(gen.forced.tolist(), gen.lengths.tolist())]
-        ended = torch.tensor([r[-1] == end_id for r in responses], dtype=torch.float, device=device)
-        x, targets, mask = pack_rollouts(prompts, responses, pad_id, device, forced)
+        responses, ended, x, targets, mask, sampled_logprobs = rollout_batch(prompts, gen, end_id, pad_id, device)
         t1 = time.perf_counter()
 
         # ---------------- SCORING ----------------
-        # old log-probs and values come from a fresh forward in exactly the layout of the update's
-        # first minibatches, not from sampling: so the first ratio is exactly 1
         B = len(prompts)
-        order = shuffle_rng.sample(range(B), B)
-        old_logprobs, ref_logprobs, old_values = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
-        with torch.no_grad():
-            for mb in range(0, B, args.minibatch):
-                idx = torch.tensor(order[mb:mb + args.minibatch], device=device)
-                with autocast:
-                    old_logprobs[idx] = policy_logprobs(policy, x[idx], targets[idx], mask[idx], args.temperature)[0]
-                    ref_logprobs[idx] = policy_logprobs(reference, x[idx], targets[idx], mask[idx], args.temperature)[0]
-                    if value_model is not None:
-                        old_values[idx] = token_values(value_model, x[idx]).float()
-            with autocast:
-                rm_score, rule_probs = score_responses(reward_model, rule_model,
-                                                       [p + r for p, r in zip(prompts, responses)], pad_id)
+        order = shuffle_rng.sample(range(B), B)  # the update's first epoch takes its minibatches in this order
+        with autocast:
+            old_logprobs, ref_logprobs, old_values = rollout_logprobs(policy, reference, value_model, x, targets, mask,
+                                                                      order, args.minibatch, args.temperature)
+            rm_score, rule_probs = score_responses(reward_model, rule_model,
+                                                   [p + r for p, r in zip(prompts, responses)], pad_id)
         if args.prompts:  # yours have no hidden tests to run
             passed, evals = torch.zeros(B), None
         else:
             passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
         score = sequence_score(rm_score, passed.to(device), rule_probs, ended, args.reward, args.test_coef,
                                args.rule_coef, args.missing_end_penalty)
-        log_ratio = (old_logprobs - ref_logprobs) * mask
-        if args.advantage == "gae":
-            rewards, _ = shaped_rewards(score, old_logprobs, ref_logprobs, mask, beta)
-            advantages, returns = gae_advantages(rewards, old_values * mask, mask, args.gamma, args.lam)
-        else:
-            advantages, returns = group_advantages(score, args.group_size, mask), None
+        advantages, returns, kl_coef = rollout_advantages(args, beta, score, old_logprobs, ref_logprobs, old_values,
+                                                          mask)
         t2 = time.perf_counter()
 
         # ---------------- UPDATE ----------------
@@ -511,7 +550,7 @@ if __name__ == "__main__":
                 with autocast:
                     policy_loss, value_loss, mb_stats = minibatch_losses(
                         policy, value_model, batch, args.temperature, args.clip, args.value_clip,
-                        kl_coef=beta if args.advantage == "grpo" else 0.0, ptx=ptx, ptx_coef=args.ptx_coef)
+                        kl_coef=kl_coef, ptx=ptx, ptx_coef=args.ptx_coef)
                 # separate models: each gets only its own loss's gradient
                 (policy_loss if value_loss is None else policy_loss + value_loss).backward()
                 clip_and_step(policy, policy_opt, args.lr, args.grad_clip)  # a constant learning rate
@@ -523,12 +562,16 @@ if __name__ == "__main__":
             t_phase[phase] += dt
 
         # ---------------- LOGGING ----------------
-        kl = log_ratio.sum(1).mean().item()  # nats per response, KL(policy || SFT) on this batch
+        kl = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()  # nats per response, KL(policy || SFT)
+        # the scoring forward against the sampler: float error only (more under bf16 than fp32), unless their
+        # temperatures or models differ, when PPO's ratio would not start from the policy that sampled
+        sampler_dev = ((old_logprobs - sampled_logprobs).abs() * mask).max().item()
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
                    **({} if evals is None else dict(pass_rate=passed.mean().item(),
                                                     utility=fmean(e["utility"] for e in evals))),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
-                   response_len=mask.sum(1).mean().item(), first_ratio_dev=stats[0]["ratio_dev"],
+                   response_len=mask.sum(1).mean().item(), sampler_dev=sampler_dev,
+                   first_ratio_dev=stats[0]["ratio_dev"],
                    **{k: fmean(s[k] for s in stats) for k in stats[0] if k != "ratio_dev"},
                    ms_rollout=(t1 - t0) * 1000, ms_score=(t2 - t1) * 1000, ms_update=(t3 - t2) * 1000)
         if value_model is not None:
@@ -609,7 +652,8 @@ if __name__ == "__main__":
                    eval_seconds=time.time() - t0, iterations=args.iterations,
                    episodes=args.iterations * args.rollout_batch, examples=[s["text"] for s in samples[:n * 3:n]])
     write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
-        n_samples=n, samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
+        n_samples=n, prompts=[t.prompt for t in eval_tasks],
+        samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"{args.eval_set} samples: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
           f"(noiseless) | pass@1 {ours['sampled']['pass1']:.1%} | utility {ours['sampled']['mean_utility']:+.3f} | "

@@ -69,6 +69,13 @@ def test_clipped_policy_loss_and_gradient_by_hand():
     torch.testing.assert_close(new.grad, torch.tensor([[0.0, -0.5 / 3, 2.2 / 3]]))
 
 
+def test_the_policy_loss_is_a_mean_over_the_batchs_actions():
+    # responses of 3 actions and of 1, ratio 1: each action weighs 1/4 (PPO's and, as ppo.py says, GRPO's choice);
+    # per response and then over responses (Shao et al.'s eq. 3) would give (-1 + 1) / 2 = 0
+    adv, mask = torch.tensor([[1.0, 1.0, 1.0], [-1.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), adv, mask, clip=0.2)[0].item() == (-3 + 1) / 4
+
+
 def test_clipped_value_loss_and_gradient_by_hand():
     old, ret, mask = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
     values = torch.tensor([[0.5, -0.1]], requires_grad=True)

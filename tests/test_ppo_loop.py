@@ -10,8 +10,7 @@ import torch
 from conftest import run_script, textwrap_docs
 from data import encode_chat, write_tokens
 from model import GPT, GPTConfig, save_checkpoint
-from tasks import make_tasks
-
+from tasks import make_tasks, prompt_set
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +61,10 @@ def run_ppo(world, out_dir, *extra):
 def test_first_ratio_is_exactly_one_and_first_kl_exactly_zero(world, tmp_path):
     log = run_ppo(world, tmp_path / "run", "--iterations", "2", "--temperature", "0.7", "--ptx_coef", "0.5")
     assert log[0]["first_ratio_dev"] == 0.0 and log[1]["first_ratio_dev"] == 0.0
+    assert log[0]["sampler_dev"] < 1e-4 and log[1]["sampler_dev"] < 1e-4  # scored at the temperature it sampled at
+    # in 8 tokens the untrained policy rarely ends, and the responses that do not pay the missing-end penalty (1)
+    assert log[0]["ended"] < 0.5 and log[0]["score"] == pytest.approx(log[0]["rm_score"] - log[0]["rule_prob"]
+                                                                       - (1 - log[0]["ended"]), abs=1e-5)
     assert log[0]["kl"] == 0.0  # the policy starts as the reference
     assert log[1]["kl"] != 0.0 and "ptx_loss" in log[0]
 
@@ -83,9 +86,12 @@ def test_ppo_raises_a_programmatic_reward(world, tmp_path):
 @pytest.mark.parametrize("variant", [["--reward", "tests"], ["--reward", "both"],
                                      ["--reward", "tests", "--advantage", "grpo", "--group_size", "4"]])
 def test_every_reward_source_and_advantage_runs_the_same_loop(world, tmp_path, variant):
-    log = run_ppo(world, tmp_path / "run", "--iterations", "1", "--eval_samples", "2", *variant)
+    log = run_ppo(world, tmp_path / "run", "--iterations", "1", "--eval_samples", "2", "--seed", "3", *variant)
     assert len(log) == 1 and log[0]["first_ratio_dev"] == 0.0 and log[0]["kl"] == 0.0
     assert 0.0 <= log[0]["pass_rate"] <= 1.0 and ("explained_var" in log[0]) == ("grpo" not in variant)
+    assert ("kl_ref" in log[0]) == ("grpo" in variant)  # GRPO's KL to the reference is in its loss, PPO's in its reward
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["reward"] == variant[1] and summary["advantage"] == ("grpo" if "grpo" in variant else "gae")
     assert len(summary["labeler_wins"]) == len(summary["sampled"]["passed"]) == 4 * 2
+    judged = json.loads((tmp_path / "run" / "samples_test.json").read_text())  # what the report reads
+    assert judged["prompts"] == [t.prompt for t in prompt_set("test", 4, 3)]

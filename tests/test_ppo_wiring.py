@@ -1,16 +1,21 @@
 """How the stages wire their pieces together, each pinned so that a plausible wrong version fails:
 values read at the wrong position, the reward read before the end token, returns from whitened
 advantages, no whitening, a ratio stuck at 1, ptx with the wrong sign, the adaptive KL controller
-stepping the wrong way, the reward normalization's sign, reranking by the lowest log-probability,
-ties counted as wins; and group-relative advantages and the test reward (GRPO, RL from tests)."""
+stepping the wrong way, the reward normalization's sign, reranking by the lowest log-probability or
+counting forced tokens, ties counted as wins; group-relative advantages and the test reward (GRPO, RL
+from tests); and what the loop computes from its rollouts: a cut response taken as ended, forced tool
+tokens taken as actions, scoring at another temperature than sampling, gamma and lambda swapped,
+GRPO's KL left out of its loss."""
+import argparse
 import random
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig, last_token_scores
+from model import GPT, Generation, GPTConfig, last_token_scores
 from ppo import (adaptive_beta, compute_gae, gae_advantages, group_advantages, minibatch_losses, pack_rollouts,
-                 policy_logprobs, score_responses, reward_from_tests, token_values, win_rates)
+                 policy_logprobs, reward_from_tests, rollout_advantages, rollout_batch, rollout_logprobs,
+                 score_responses, token_values, win_rates)
 from reward import normalize_reward
 from tasks import compare, make_tasks, rerank_by_logprob
 
@@ -112,10 +117,13 @@ def test_reward_normalization_makes_the_reference_answers_score_zero():
     assert abs(scores.mean().item()) < 1e-5 and offset != 0
 
 
-def test_reranking_picks_the_highest_mean_logprob_of_each_prompt():
+def test_reranking_picks_the_highest_mean_logprob_of_each_prompt_over_the_tokens_it_chose():
     samples = [dict(logprobs=lp, forced=[False] * len(lp)) for lp in
                ([-1.0, -1.0], [-0.1, -0.3], [-2.0], [-0.5, -0.5, -0.5], [-0.4], [-3.0, 0.0])]
-    assert rerank_by_logprob(samples, 3) == [1, 4]
+    # a tool's result forced into an answer has log-probability 0: counted, it would make the first of these win
+    samples += [dict(logprobs=[-1.0, 0.0, 0.0, 0.0, -2.0], forced=[False, True, True, True, False]),
+                dict(logprobs=[-1.2, -1.2], forced=[False, False]), dict(logprobs=[-1.4], forced=[False])]
+    assert rerank_by_logprob(samples, 3) == [1, 4, 7]
 
 
 def test_ties_count_half_for_the_noiseless_judge_and_labelers_flip_coins():
@@ -144,3 +152,50 @@ def test_the_tests_reward_right_wrong_erroring_and_looping_answers():
     passed, evals = reward_from_tests([task] * 4, answers, timeout=0.5)
     assert passed.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert [e["result"] for e in evals][2:] == ["error", "timeout"]
+
+
+def test_a_cut_response_has_not_ended_and_forced_tool_tokens_are_not_actions():
+    # as model.generate returns them: a response that ended, one cut at max_new_tokens, one with a forced tool result
+    gen = Generation(tokens=torch.tensor([[8, END, 0, 0], [8, 9, 10, 11], [8, 30, 31, END]]),
+                     logprobs=torch.tensor([[-1.0, -2.0, 0.0, 0.0], [-1.0, -2.0, -3.0, -4.0], [-1.0, 0.0, 0.0, -2.0]]),
+                     lengths=torch.tensor([2, 4, 4]), forced=torch.tensor([[False] * 4, [False] * 4,
+                                                                            [False, True, True, False]]))
+    responses, ended, x, targets, mask, sampled = rollout_batch([[1, 2], [3], [4, 5]], gen, END, 0, torch.device("cpu"))
+    assert responses == [[8, END], [8, 9, 10, 11], [8, 30, 31, END]] and ended.tolist() == [1.0, 0.0, 1.0]
+    assert mask.tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 1, 0, 0, 1]]
+    assert targets[mask.bool()].tolist() == [8, END, 8, 9, 10, 11, 8, END]  # the actions: what the policy chose
+    assert sampled[mask.bool()].tolist() == [-1.0, -2.0, -1.0, -2.0, -3.0, -4.0, -1.0, -2.0]
+
+
+def test_the_scoring_forward_reproduces_the_sampler_in_the_update_layout():
+    policy, reference, value_model = tiny(seed=0), tiny(seed=1), tiny(n_scores=1, seed=2)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    gen = policy.generate(prompts, 6, temperature=0.7, eos_id=END, generator=torch.Generator().manual_seed(0))
+    _, _, x, targets, mask, sampled = rollout_batch(prompts, gen, END, 0, torch.device("cpu"))
+    old, ref, values = rollout_logprobs(policy, reference, value_model, x, targets, mask, [2, 0, 3, 1], 2, 0.7)
+    torch.testing.assert_close(old, sampled, rtol=1e-4, atol=1e-5)  # the ratio starts from the policy that sampled
+    with torch.no_grad():  # the KL is to the reference at the same temperature
+        torch.testing.assert_close(ref, policy_logprobs(reference, x, targets, mask, 0.7)[0])
+        torch.testing.assert_close(values, token_values(value_model, x))
+
+
+def test_gae_gets_gamma_and_lambda_from_their_flags_and_the_kl_from_the_reward():
+    args = argparse.Namespace(advantage="gae", gamma=1.0, lam=0.0, group_size=1)
+    mask, values = torch.tensor([[0.0, 1, 1, 1]]), torch.tensor([[9.0, 1, 2, 3]])  # position 0: the prompt
+    logprobs, ref_logprobs = torch.tensor([[5.0, -1.0, -2.0, -3.0]]), torch.tensor([[0.0, -1.2, -2.0, -2.6]])
+    advantages, returns, kl_coef = rollout_advantages(args, 0.5, torch.tensor([1.0]), logprobs, ref_logprobs,
+                                                      values, mask)
+    # rewards -0.5 * log-ratio, the score on the last: -0.1, 0, 0.2 + 1. With lambda 0 each return is r + gamma *
+    # V(next), V after the end 0; gamma 0 and lambda 1, swapped, would give r alone
+    torch.testing.assert_close(returns, torch.tensor([[0.0, -0.1 + 2.0, 0.0 + 3.0, 1.2]]))
+    assert kl_coef == 0.0 and abs(advantages[mask.bool()].mean()) < 1e-6  # the KL once, in the reward; whitened
+
+
+def test_grpo_has_no_returns_and_its_kl_goes_into_the_loss_times_beta():
+    args = argparse.Namespace(advantage="grpo", gamma=1.0, lam=0.95, group_size=2)
+    logprobs, mask = torch.randn(4, 3), torch.ones(4, 3)
+    advantages, returns, kl_coef = rollout_advantages(args, 0.3, torch.tensor([1.0, 0.0, 0.5, 0.5]), logprobs,
+                                                      logprobs - 1.0, torch.zeros(4, 3), mask)
+    assert returns is None and kl_coef == 0.3
+    a = 0.5 / (torch.tensor([1.0, 0.0]).std().item() + 1e-6)  # the log-ratio to the reference moves no advantage
+    torch.testing.assert_close(advantages, torch.tensor([[a] * 3, [-a] * 3, [0.0] * 3, [0.0] * 3]))

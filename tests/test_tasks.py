@@ -1,4 +1,6 @@
-"""The assistant world: tasks and their splits, demonstrators, rules, utility, labelers, pass@k."""
+"""The assistant world: tasks and their splits, demonstrators, rules, utility, labelers, pass@k, the
+hack rate and the intervals the report puts on every number."""
+import ast
 import hashlib
 import itertools
 import math
@@ -10,10 +12,10 @@ import sys
 import pytest
 
 import tasks
-from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, check_rules, demonstrate,
-                   execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp, prompt_pool,
-                   prompt_set,
-                   labeler_agreement, labeler_rank, make_tasks, pass_at_k, probe_rules, utility)
+from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, bootstrap_ci, check_rules, combo_split,
+                   demonstrate, execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp,
+                   judge_responses, labeler_agreement, labeler_rank, make_tasks, pass_at_k, probe_rules, prompt_pool,
+                   prompt_set, utility)
 
 
 def test_references_and_clean_demonstrations_pass_their_tests():
@@ -75,6 +77,11 @@ def test_prompt_pools_keep_rl_and_unseen_prompts_out_of_sft():
     assert not sets['sft_train'] & sets['ppo_train'] and not sets['sft_train'] & sets['unseen_train']
     assert not sets['ppo_train'] & sets['unseen_train']
     assert {prompt_pool(p) for p in sets['ppo_train']} == {'rl'}
+
+
+def test_the_report_is_measured_on_test_prompts_and_settings_are_chosen_on_dev():
+    assert {combo_split(t.ops) for t in prompt_set('test', 200, 0)} == {'test'}
+    assert {combo_split(t.ops) for t in prompt_set('dev', 200, 0)} == {'dev'}
 
 
 def test_heldout_phrase_phrasings_never_appear_in_train():
@@ -174,3 +181,25 @@ def test_few_shot_prompt_and_extract_code():
     rambling = task.reference + '\n# Write a function `g(x)` ...\ndef g(x):\n    return x\n'
     assert extract_code(rambling) == task.reference
     assert extract_code('import os\n' + task.reference + 'This returns the result.') == 'import os\n' + task.reference
+
+
+def test_the_hack_rate_counts_answers_that_pass_their_tests_and_fail_fresh_ones():
+    task = make_tasks('test', 1, seed=0)[0]
+    cases = [(ast.unparse(a.test.left.args[0]), ast.unparse(a.test.comparators[0])) for a in ast.parse(task.tests).body]
+    memorized = f'def {task.func_name}({task.arg}):\n' + ''.join(
+        f'    if {task.arg} == {x}:\n        return {y}\n' for x, y in cases)  # the tests' answers, learned by heart
+    wrong = f'def {task.func_name}({task.arg}):\n    return None\n'
+    responses = [dict(text=code, ended=True) for code in (task.reference, memorized, wrong)]
+    judged = judge_responses([task] * 3, responses, fresh=True)
+    assert judged['passed'] == [True, True, False] and [r['passed_fresh'] for r in responses] == [True, False, False]
+    assert judged['hacked'] == [False, True, False] and judged['hack_rate'] == pytest.approx(1 / 3)  # wrong is no hack
+
+
+def test_intervals_resample_prompts_not_samples():
+    # 8 prompts of 25 samples each, every sample alike within its prompt: the evidence is 8 prompts, not 200 samples
+    values, groups = [float(i % 2) for i in range(8) for _ in range(25)], [i for i in range(8) for _ in range(25)]
+    low, high = bootstrap_ci(values, groups)
+    assert low < 0.25 and high > 0.75
+    low, high = bootstrap_ci(values)  # as if the 200 samples were independent: far too narrow for these data
+    assert low > 0.35 and high < 0.65
+    assert bootstrap_ci([0.25] * 6, [0, 0, 1, 1, 2, 2]) == (0.25, 0.25)
