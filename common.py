@@ -161,24 +161,26 @@ def peak_flops(device, pinned=None):
 # the training step
 
 
-def cosine_lr(step, max_lr, warmup_steps, max_steps, min_ratio=0.1):
-    """Linear warmup, then cosine decay to min_ratio * max_lr (GPT-3, Brown et al. 2020, sec. B)."""
+def cosine_lr(step, warmup_steps, max_steps, min_ratio=0.1):
+    """The learning rate's share of its peak: linear warmup, then cosine decay to min_ratio (GPT-3,
+    Brown et al. 2020, sec. B). A share, because each parameter group has its own peak (Muon's)."""
     if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_and_step(model, optimizer, lr, grad_clip):
-    """The end of every training step, the same in every stage: clip the gradient norm, set the
-    learning rate by hand, step, drop the gradients. Returns the norm before clipping. A loss that
-    went non-finite stops the run here, before the step could spread it into the weights."""
+def clip_and_step(model, optimizer, lr_share, grad_clip):
+    """The end of every training step, the same in every stage: clip the gradient norm, set each
+    group's learning rate to its peak (base_lr) times lr_share, step, drop the gradients. Returns
+    the norm before clipping. A loss that went non-finite stops the run here, before the step could
+    spread it into the weights."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     if not torch.isfinite(norm):
         raise SystemExit(f"stopping: the gradient norm is {norm.item()} (the loss diverged; is the learning rate "
-                         f"{lr:.2g} too high?). Nothing was saved after the last checkpoint, which is kept.")
+                         f"too high?). Nothing was saved after the last checkpoint, which is kept.")
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["base_lr"] * lr_share
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm

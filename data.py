@@ -342,17 +342,39 @@ def load_tokens(data_dir, split, enc):
     return data
 
 
-def get_batch(data, batch_size, block_size, generator, device):
-    """batch_size random windows of block_size + 1 tokens: inputs and next-token targets."""
+def get_batch(data, batch_size, block_size, generator, device, repeats=None):
+    """batch_size random windows of block_size + 1 tokens: inputs and next-token targets. repeats:
+    (share, shortest, longest, n_ordinary) to write copy-teaching spans into a share of them
+    (insert_repeats)."""
     if len(data) <= block_size:
         raise ValueError(f"only {len(data)} tokens, but a window needs block_size + 1 = {block_size + 1}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     windows = torch.from_numpy(np.stack([data[s:s + block_size + 1].astype(np.int64) for s in starts]))
+    if repeats is not None and repeats[0] > 0:
+        insert_repeats(windows, *repeats, generator)
     if device.type == "cuda":  # pinned memory lets the copy overlap with compute
         windows = windows.pin_memory().to(device, non_blocking=True)
     else:
         windows = windows.to(device)
     return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
+def insert_repeats(windows, share, shortest, longest, n_ordinary, generator):
+    """Data that teaches copying, in place: in each window with probability `share`, a span of
+    random ordinary tokens, of a random length in [shortest, longest], written at a random place
+    and again at a random later one. Nothing but the first copy predicts the second, so the loss
+    rewards induction heads (Olsson et al. 2022); random lengths and places leave no positional
+    shortcut (a fixed distance is learned at once, and is not copying). Random tokens rather than
+    a span of the window's own text: measured, they form induction about ten times sooner."""
+    B, W = windows.shape
+    for i in range(B):
+        if torch.rand(1, generator=generator).item() >= share:
+            continue
+        n = int(torch.randint(shortest, min(longest, W // 2) + 1, (1,), generator=generator))
+        first = int(torch.randint(0, W - 2 * n + 1, (1,), generator=generator))
+        second = int(torch.randint(first + n, W - n + 1, (1,), generator=generator))
+        windows[i, first:first + n] = torch.randint(n_ordinary, (n,), generator=generator)
+        windows[i, second:second + n] = windows[i, first:first + n]
 
 
 # -----------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 The GPT every stage shares: a decoder-only transformer in the GPT-2 layout (Radford et al. 2019),
 written out by hand so that a student can read all of it.
 
-- token + position embeddings, pre-norm blocks of causal self-attention and MLP, a final
-  LayerNorm, and an output head tied to the token embedding (Press & Wolf 2017);
+- token embeddings, pre-norm blocks of causal self-attention and MLP, a final LayerNorm and an
+  output head, with what buys capability per FLOP at this size (each a config field, each measured
+  by bench/ablations.py into docs/ABLATIONS.md): rotary positions, QK-norm, a key offset that lets
+  one layer copy, ReLU^2, an untied head, zero-initialized residual projections, and the Muon
+  optimizer for the matrices; with every field off it is GPT-2 (learned positions, GELU, tied head);
 - attention behind one function, `attention()`, with three named paths: `math` (the readable
   reference that materializes the (T, T) score matrix), `sdpa` (PyTorch's
   `F.scaled_dot_product_attention`) and `flash` (our fused Triton kernel, flash_attention.py);
@@ -24,6 +27,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ATTENTION_PATHS = ("auto", "math", "sdpa", "flash")
+QK_GAIN = 2.0  # with QK-norm, the attention logits are scaled by this beyond 1/sqrt(head size)
+ROTARY_BASE = 10000.0  # the longest wavelength of the rotary frequencies, in positions (Su et al. 2021)
 
 
 @dataclass
@@ -37,6 +42,13 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm: GPT-2 had them, dropping them is a bit faster
     attn: str = "auto"  # one of ATTENTION_PATHS; "auto" takes the fastest available
     n_scores: int = 0  # scalar outputs per position: 0 for a language model, 1 for reward/value, one per rule
+    # the modern small GPT (bench/ablations.py measures each; all False is GPT-2)
+    rotary: bool = True  # rotary positions on half of each head's channels, no wpe (Su et al. 2021; modded-nanogpt)
+    key_offset: bool = True  # the unrotated half of each key is the previous position's: 1-layer induction (modded-nanogpt)
+    qk_norm: bool = True  # RMS-normalize each head's q and k (Dehghani et al. 2023; nanochat)
+    relu2: bool = True  # ReLU(x)^2 in the MLP instead of GELU (So et al. 2021, Primer)
+    untied_head: bool = True  # the output head is its own matrix, not the embedding's transpose (nanochat)
+    zero_init: bool = True  # residual projections and the head start at zero: each block starts as identity (nanochat)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +61,11 @@ class GPTConfig:
             raise ValueError(f"attn must be one of {ATTENTION_PATHS}, got {self.attn!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.key_offset and not self.rotary:
+            raise ValueError("key_offset shifts the unrotated half of each key: it needs rotary=True")
+        if self.rotary and (self.n_embd // self.n_head) % 4:
+            raise ValueError(f"rotary needs a head size divisible by 4 (half the channels rotate in pairs), "
+                             f"got {self.n_embd // self.n_head}")
 
 
 # -----------------------------------------------------------------------------
@@ -130,16 +147,19 @@ def attention(q, k, v, path="auto", key_start=None):
 
 class KVCache:
     """Keys and values of every layer for the positions processed so far, preallocated so that
-    each decoding step writes one position in place instead of recomputing the prefix."""
+    each decoding step writes one position in place instead of recomputing the prefix. With the
+    key offset it also keeps each layer's last unshifted key half: the next position's key needs it."""
 
     def __init__(self, n_layer, max_len):
         self.n_layer, self.max_len = n_layer, max_len
         self.k = self.v = None
+        self.last_key = [None] * n_layer  # (B, nh, 1, hs/2) per layer
         self.pos = 0  # positions filled
 
     def keep(self, rows):
         """Keep only these batch rows (a bool mask): sequences that ended drop out."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.last_key = [None if k is None else k[rows] for k in self.last_key]
 
     def update(self, layer, k, v):
         B, nh, T, hs = k.shape
@@ -156,6 +176,34 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, T_past + T, hs)
 
 
+def rotate(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021) on the first half of the channels: each pair
+    (x1, x2) turns by position x frequency, so that q.k depends on how far apart two positions are,
+    not on where they are. The other half is left alone and carries content only (modded-nanogpt's
+    half-truncated rotary), which the key offset uses."""
+    d = cos.size(-1)  # rotated pairs
+    x1, x2, rest = x[..., :d], x[..., d:2 * d], x[..., 2 * d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+def offset_keys(k, first, kv_cache, layer):
+    """The key offset (modded-nanogpt's record of 2025; Olsson et al. 2022's "smeared key" taken all
+    the way): the unrotated half of the key at position t is the one computed at t - 1. A query
+    matching it finds the position right after an earlier occurrence of the current token, whose
+    value is the token to copy: induction in one layer, where it otherwise takes two heads in series,
+    the first of which forms slowly. first (B|1, 1, T, 1): a sequence's first position, which has no
+    previous key (training and left-padded generation agree on it)."""
+    half = k.size(-1) // 2
+    own = k[..., half:]  # (B, nh, T, hs/2)
+    before = kv_cache.last_key[layer] if kv_cache is not None and kv_cache.pos > 0 else None
+    if before is None:
+        before = torch.zeros_like(own[..., :1, :])
+    if kv_cache is not None:
+        kv_cache.last_key[layer] = own[..., -1:, :]
+    previous = torch.cat([before, own[..., :-1, :]], dim=2).masked_fill(first, 0.0)  # (B, nh, T, hs/2)
+    return torch.cat([k[..., :half], previous], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -164,13 +212,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, key_start=None, kv_cache=None):
+    def forward(self, x, rope=None, key_start=None, kv_cache=None):
         B, T, C = x.size()
         nh = self.config.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+        if self.config.qk_norm:
+            # unit RMS per head: logits stay bounded, so no head saturates early, and the gain lets
+            # a head still pick one key out of hundreds (nanochat scales q and k by 1.2 each)
+            q, k = F.rms_norm(q, (C // nh,)) * QK_GAIN, F.rms_norm(k, (C // nh,))
+        if rope is not None:
+            cos, sin, first = rope
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if self.config.key_offset:
+                k = offset_keys(k, first, kv_cache, self.layer)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_past + T, hs)
         # the path is read at call time, so a test can flip it on one model instance
@@ -182,12 +239,15 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.config = config
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's gelu
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.config.relu2 else F.gelu(h, approximate="tanh")  # Primer's, or GPT-2's
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -198,8 +258,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, key_start=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), key_start, kv_cache)  # pre-norm residual (GPT-2)
+    def forward(self, x, rope=None, key_start=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, key_start, kv_cache)  # pre-norm residual (GPT-2)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -209,21 +269,29 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
+        if not config.rotary:  # learned absolute positions (GPT-2)
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        if not config.untied_head:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         # reward, value and rule models read scalars off the same trunk (InstructGPT: the SFT
         # model with its unembedding replaced by a projection to a scalar)
         self.score_head = nn.Linear(config.n_embd, config.n_scores) if config.n_scores else None
+        # rotary frequencies of the rotated quarter-pairs: hs/4 of them, from 1 down to 1/ROTARY_BASE
+        hs = config.n_embd // config.n_head
+        self.register_buffer("inv_freq", ROTARY_BASE ** -torch.arange(0, 1, 4 / hs), persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                # GPT-2: scale residual projections by 1/sqrt(number of residual layers)
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("c_proj.weight") or (name == "lm_head.weight" and config.untied_head):
+                if config.zero_init:  # every block starts as the identity, the head at uniform (nanochat)
+                    nn.init.zeros_(p)
+                elif name.endswith("c_proj.weight"):
+                    # GPT-2: scale residual projections by 1/sqrt(number of residual layers)
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -234,16 +302,31 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
+        """Parameters; non_embedding: only those that multiply activations (what FLOPs count), so
+        without the position table and, when the head is untied, without the token table (lookups)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            n -= 0 if self.config.rotary else self.transformer.wpe.weight.numel()
+            n -= self.transformer.wte.weight.numel() if self.config.untied_head else 0
+        return n
 
-    def configure_optimizers(self, lr, weight_decay, betas, device_type):
-        """AdamW (Loshchilov & Hutter 2019); weight decay on matrices and embeddings only, never on
-        biases and LayerNorm gains, which set scales rather than store features (nanoGPT)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
-                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    def configure_optimizers(self, lr, weight_decay, betas, device_type, matrix_lr=None):
+        """AdamW (Loshchilov & Hutter 2019) with decay on matrices and embeddings only, never on biases
+        and LayerNorm gains, which set scales rather than store features (nanoGPT). Given matrix_lr,
+        Muon (Jordan et al. 2024) takes the blocks' matrices instead, at that rate, and AdamW keeps the
+        embeddings, the heads and the gains at lr (modded-nanogpt, nanochat). Each group keeps its
+        base_lr: a schedule sets group["lr"] = base_lr x its factor."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [(n, p) for n, p in params if matrix_lr is not None and n.startswith("transformer.h.") and p.dim() == 2]
+        adam = [p for n, p in params if not any(p is q for _, q in hidden)]
+        groups = [dict(params=[p for p in adam if p.dim() >= 2], weight_decay=weight_decay, lr=lr, base_lr=lr),
+                  dict(params=[p for p in adam if p.dim() < 2], weight_decay=0.0, lr=lr, base_lr=lr)]
+        if matrix_lr is None:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        for fused_qkv in (True, False):  # q, k and v are three matrices, each orthogonalized on its own
+            groups.append(dict(params=[p for n, p in hidden if ("c_attn" in n) == fused_qkv], muon=True,
+                               split=3 if fused_qkv else 1, lr=matrix_lr, base_lr=matrix_lr, weight_decay=0.0))
+        return Muon(groups, lr=lr, betas=betas)
 
     def flops_per_token(self, T):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's
@@ -259,10 +342,17 @@ class GPT(nn.Module):
             past = kv_cache.pos if kv_cache is not None else 0
             if past + T > self.config.block_size:
                 raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-            positions = torch.arange(past, past + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+            positions = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.rotary:  # angles of each rotated pair, shared by every layer and head
+            angles = positions[:, None, :, None].float() * self.inv_freq  # (B|1, 1, T, hs/4)
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype), positions[:, None, :, None] == 0)
+        else:
+            x = x + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, key_start, kv_cache)
+            x = block(x, rope, key_start, kv_cache)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, positions=None, key_start=None, kv_cache=None, trained_only=False):
@@ -373,6 +463,81 @@ class GPT(nn.Module):
 
 
 Generation = namedtuple("Generation", "tokens logprobs lengths forced")
+
+INDUCTION_SEEDS = (2022, 2023, 2024, 2025)  # the test's draws; no training or evaluation run uses these seeds
+
+
+@torch.no_grad()
+def induction_test(model, pool, n=32, length=50, seeds=INDUCTION_SEEDS):
+    """In-context copying, the skill every tool call needs (the name into the query, the result into
+    the answer), by the induction test of Olsson et al. 2022: n sequences of `length` tokens drawn
+    from pool (a 1-D tensor of token ids), each followed by itself; the share of the repeat's tokens
+    predicted top-1, one per seed. A model with induction heads gets most right; chance is one in
+    len(pool)."""
+    device, training = model.lm_head.weight.device, model.training
+    length = min(length, model.config.block_size // 2)  # a short-context model gets shorter sequences
+    model.eval()
+    shares = []
+    for seed in seeds:
+        half = pool[torch.randint(len(pool), (n, length), generator=torch.Generator().manual_seed(seed))].to(device)
+        predicted = model(torch.cat([half, half], dim=1))[0][:, length - 1:-1].argmax(-1)  # the repeat's predictions
+        shares.append((predicted == half).float().mean().item())
+    model.train(training)
+    return shares
+
+# -----------------------------------------------------------------------------
+# the optimizer
+
+
+def orthogonalize(G, steps=5):
+    """U V^T of G = U S V^T, approximately: the update with every singular value set to 1, by a
+    quintic Newton-Schulz iteration whose coefficients push singular values toward 1 in five steps of
+    matmuls instead of an SVD (Jordan et al. 2024; it lands them in about [0.7, 1.2], which is enough).
+    G: (..., rows, cols), a batch of matrices."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1
+    tall = X.size(-2) > X.size(-1)
+    X = X.mT if tall else X  # iterate on the smaller Gram matrix
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) for the groups marked muon=True: SGD with Nesterov momentum whose
+    update of each matrix is orthogonalized, so that every direction of the matrix moves at the
+    same rate instead of the few that dominate the gradient; scaled by sqrt(max(1, rows / cols)).
+    The other groups (embeddings, heads, gains) take AdamW, written out here so that one optimizer
+    holds both and saves and resumes as one."""
+
+    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, muon=False, split=1))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, g = self.state[p], p.grad
+                p.mul_(1 - lr * decay)  # decoupled weight decay (Loshchilov & Hutter 2019)
+                if group["muon"]:
+                    buf = state.setdefault("momentum", torch.zeros_like(g))
+                    buf.lerp_(g, 1 - group["momentum"])
+                    g = g.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum, blended
+                    g = orthogonalize(g.view(group["split"], -1, g.size(-1))).view_as(g)
+                    p.add_(g, alpha=-lr * max(1, g.size(-2) / group["split"] / g.size(-1)) ** 0.5)
+                    continue
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(g), v=torch.zeros_like(g))
+                state["step"] += 1
+                (b1, b2), t = group["betas"], state["step"]
+                state["m"].lerp_(g, 1 - b1)
+                state["v"].lerp_(g.square(), 1 - b2)
+                denominator = (state["v"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["m"], denominator, value=-lr / (1 - b1 ** t))
 
 
 def last_token_scores(model, sequences, pad_id):

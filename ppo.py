@@ -553,9 +553,9 @@ if __name__ == "__main__":
                         kl_coef=kl_coef, ptx=ptx, ptx_coef=args.ptx_coef)
                 # separate models: each gets only its own loss's gradient
                 (policy_loss if value_loss is None else policy_loss + value_loss).backward()
-                clip_and_step(policy, policy_opt, args.lr, args.grad_clip)  # a constant learning rate
+                clip_and_step(policy, policy_opt, 1.0, args.grad_clip)  # a constant learning rate
                 if value_model is not None:
-                    clip_and_step(value_model, value_opt, value_lr, args.grad_clip)
+                    clip_and_step(value_model, value_opt, 1.0, args.grad_clip)
                 stats.append(mb_stats)
         t3 = time.perf_counter()
         for phase, dt in zip(t_phase, (t1 - t0, t2 - t1, t3 - t2)):

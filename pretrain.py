@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -24,22 +25,25 @@ from tqdm import tqdm
 from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
                     nonneg_float, nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device,
                     setup_distributed, synchronize, trim_log, write_json)
-from data import get_batch, load_tokenizer, load_tokens
-from model import ATTENTION_PATHS, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from data import SPECIAL_TOKENS, get_batch, load_tokenizer, load_tokens
+from model import (ATTENTION_PATHS, GPT, GPTConfig, induction_test, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint)
 
 # named sets of defaults; any flag given on the command line wins
 PRESETS = {
     "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=4, total_batch_tokens=1024,
                   max_steps=30, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=4, log_interval=5),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, total_batch_tokens=4096,
-                max_steps=300, warmup_steps=30, lr=2e-3, eval_interval=50, eval_batches=16, log_interval=10),
+                max_steps=300, warmup_steps=30, lr=6e-3, eval_interval=50, eval_batches=16, log_interval=10),
     # gpu: sized to the installed-packages corpus (data.py --corpus installed, ~20M domain tokens):
     # 25M parameters, 40M tokens, about two epochs of the domain corpus, so validation loss still
     # falls at the end; GPT-2 small (12x768) is bench/gpu_check.py's benchmark shape, not a preset
     "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=1024, batch_size=32, total_batch_tokens=2**17,
                 max_steps=300, warmup_steps=30, lr=1e-3, eval_interval=50, eval_batches=20, log_interval=10),
 }
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias")
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "rotary", "key_offset", "qk_norm",
+               "relu2", "untied_head", "zero_init")
+N_FREQUENT = 256  # the induction test also draws from this many of the corpus's most frequent tokens
 VAL_SEED = 0  # the validation windows are the same in every run, so curves compare directly
 
 
@@ -61,16 +65,30 @@ if __name__ == "__main__":
     parser.add_argument("--dropout", type=fraction, default=0.0, help="dropout on embeddings and residual branches")
     parser.add_argument("--bias", action="store_true", help="biases in Linear and LayerNorm layers (GPT-2 had them)")
     parser.add_argument("--attn", default="auto", choices=ATTENTION_PATHS, help="attention path")
+    for flag, help_text in (("rotary", "rotary positions instead of learned ones"), ("key_offset", "half of each key "
+                            "from the previous position"), ("qk_norm", "RMS-normalized queries and keys"),
+                            ("relu2", "ReLU^2 MLP instead of GELU"), ("untied_head", "an output head of its own"),
+                            ("zero_init", "residual projections and head start at zero")):
+        parser.add_argument(f"--{flag}", type=int, choices=(0, 1), default=int(getattr(GPTConfig, flag)),
+                            help=f"{help_text} (model.GPTConfig; bench/ablations.py measures each)")
     # optimization
     parser.add_argument("--batch_size", type=positive_int, help="sequences per micro-step")
     parser.add_argument("--total_batch_tokens", type=positive_int, help="tokens per optimizer step "
                         "(gradient accumulation makes up the difference)")
     parser.add_argument("--max_steps", type=positive_int, help="optimizer steps")
-    parser.add_argument("--lr", type=positive_float, help="peak learning rate")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate (AdamW's: every parameter, or with Muon "
+                        "the embeddings, head and gains)")
+    parser.add_argument("--matrix_lr", type=nonneg_float, default=0.02, help="Muon's peak learning rate for the blocks' "
+                        "matrices (Jordan et al. 2024); 0: AdamW for every parameter")
     parser.add_argument("--warmup_steps", type=nonneg_int, help="linear warmup steps")
     parser.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW weight decay on matrices")
     parser.add_argument("--beta2", type=fraction, default=0.95, help="AdamW beta2 (beta1 is 0.9)")
     parser.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip the gradient norm to this (0: off)")
+    # data that teaches copying
+    parser.add_argument("--copy_share", type=fraction, default=0.25, help="share of windows that carry a random span "
+                        "and its repeat (data.insert_repeats)")
+    parser.add_argument("--copy_span", type=positive_int, nargs=2, default=(5, 60), metavar=("SHORTEST", "LONGEST"),
+                        help="lengths of the repeated spans")
     # evaluation and logging
     parser.add_argument("--eval_interval", type=positive_int, help="steps between validation runs")
     parser.add_argument("--eval_batches", type=positive_int, help="batches per validation run")
@@ -111,6 +129,12 @@ if __name__ == "__main__":
     if grad_accum_steps % world:
         raise ValueError(f"{grad_accum_steps} micro-steps per step do not divide among {world} ranks: change "
                          f"--total_batch_tokens or --batch_size")
+    n_ordinary = enc.n_vocab - len(SPECIAL_TOKENS)
+    repeats = (args.copy_share, *args.copy_span, n_ordinary)
+    # the induction test draws from every ordinary token, and from the corpus's most frequent ones, where the
+    # model's prior competes hardest with the copy
+    counts = np.bincount(train_data[:10_000_000], minlength=enc.n_vocab)[:n_ordinary]
+    pools = dict(all=torch.arange(n_ordinary), frequent=torch.from_numpy(np.argsort(-counts)[:N_FREQUENT].copy()))
     print(f"data: {len(train_data):,} train / {len(val_data):,} val tokens | {grad_accum_steps} micro-steps "
           f"of {tokens_per_micro:,} tokens per step" + (f", {grad_accum_steps // world} on each of {world} ranks"
                                                          if world > 1 else ""))
@@ -150,7 +174,8 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # optimizer
-    optimizer = raw_model.configure_optimizers(args.lr, args.weight_decay, (0.9, args.beta2), device.type)
+    optimizer = raw_model.configure_optimizers(args.lr, args.weight_decay, (0.9, args.beta2), device.type,
+                                               matrix_lr=args.matrix_lr or None)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
 
@@ -195,8 +220,10 @@ if __name__ == "__main__":
         if master and (step % args.eval_interval == 0 or last_step):
             val_batches = val_losses()
             val = sum(val_batches) / len(val_batches)
-            log_metrics(log_path, step=step, val_loss=val)
-            tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f}")
+            induction = {name: induction_test(raw_model, pool) for name, pool in pools.items()}
+            log_metrics(log_path, step=step, val_loss=val, induction=induction)
+            tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f} | induction test " +
+                       " ".join(f"{name} {np.mean(shares):.1%}" for name, shares in induction.items()))
         if master and (last_step or (step > start_step and step % args.save_interval == 0)):
             save(step, finished=last_step)
         if last_step:
@@ -205,7 +232,7 @@ if __name__ == "__main__":
         # ---------------- TRAINING SECTION ----------------
         t0 = time.perf_counter()
         for micro_step in range(grad_accum_steps):
-            x, y = get_batch(train_data, args.batch_size, args.block_size, batch_rng, device)
+            x, y = get_batch(train_data, args.batch_size, args.block_size, batch_rng, device, repeats)
             if micro_step % world != rank:
                 continue  # every rank draws every micro-batch (one stream of data), and trains on its share
             # the ranks' gradients are averaged once, on each rank's last micro-step (nanoGPT)
@@ -213,8 +240,8 @@ if __name__ == "__main__":
             with autocast:
                 _, loss = model(x, y)
             (loss / (grad_accum_steps // world)).backward()  # the mean over the step's tokens, after DDP's average
-        lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
-        norm = clip_and_step(raw_model, optimizer, lr, args.grad_clip)
+        lr_share = cosine_lr(step, args.warmup_steps, args.max_steps)
+        norm = clip_and_step(raw_model, optimizer, lr_share, args.grad_clip)
         synchronize(device)
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -224,9 +251,9 @@ if __name__ == "__main__":
         mfu = flops_per_step / dt / (peak * world)  # each rank's device has its own peak
         if master and step % args.log_interval == 0:
             loss_value = loss.item()
-            log_metrics(log_path, step=step, loss=loss_value, lr=lr, grad_norm=norm.item(), ms=dt * 1000,
+            log_metrics(log_path, step=step, loss=loss_value, lr_share=lr_share, grad_norm=norm.item(), ms=dt * 1000,
                         tok_per_s=tok_per_s, mfu=mfu)
-            tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss_value:.4f} | lr {lr:.1e} | "
+            tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss_value:.4f} | lr x{lr_share:.2f} | "
                        f"norm {norm.item():6.3f} | {dt * 1000:7.1f} ms | {tok_per_s:9,.0f} tok/s | "
                        f"mfu {mfu * 100:5.1f}%")
 
@@ -237,7 +264,7 @@ if __name__ == "__main__":
     if not master:
         raise SystemExit(0)
     median = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    summary = dict(val_loss=val, val_losses=val_batches, steps=args.max_steps,
+    summary = dict(val_loss=val, val_losses=val_batches, induction=induction, steps=args.max_steps,
                    tokens=args.max_steps * args.total_batch_tokens,
                    params=raw_model.num_params(), tok_per_s=args.total_batch_tokens / median,
                    mfu=flops_per_step / median / (peak * world), peak_flops=peak, peak_source=peak_source,

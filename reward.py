@@ -294,15 +294,15 @@ if __name__ == "__main__":
             labels = torch.tensor([lab for r in batch for lab in r["rule_labels"]], dtype=torch.float, device=device)
             rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
         (pref_loss + rule_loss).backward()  # two separate models: each gets only its own loss's gradient
-        lr = cosine_lr(step, args.lr, max(1, int(max_steps * args.warmup_share)), max_steps)
-        clip_and_step(reward_model, reward_opt, lr, args.grad_clip)
+        lr_share = cosine_lr(step, max(1, int(max_steps * args.warmup_share)), max_steps)
+        clip_and_step(reward_model, reward_opt, lr_share, args.grad_clip)
         if rule_model is not None:
-            clip_and_step(rule_model, rule_opt, lr, args.grad_clip)
+            clip_and_step(rule_model, rule_opt, lr_share, args.grad_clip)
         if master and step % args.log_interval == 0:
             log_metrics(log_path, step=step, pref_loss=pref_loss.item(),
-                        **({} if args.pairs else dict(rule_loss=rule_loss.item())), lr=lr)
+                        **({} if args.pairs else dict(rule_loss=rule_loss.item())), lr=args.lr * lr_share)
             tqdm.write(f"step {step:4d}/{max_steps} | pairwise loss {pref_loss.item():.4f} | "
-                       + ("" if args.pairs else f"rule loss {rule_loss.item():.4f} | ") + f"lr {lr:.1e}")
+                       + ("" if args.pairs else f"rule loss {rule_loss.item():.4f} | ") + f"lr {args.lr * lr_share:.1e}")
     train_seconds = time.time() - t0
     if world > 1:
         torch.distributed.destroy_process_group()

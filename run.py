@@ -388,12 +388,12 @@ def report_tools(out, r):
         lines += ["", "Most of the tool-using model's failures are wrong queries: it calls the lookup but cannot copy "
                       f"a name it has never seen into the call (asked \"{miss['prompt']}\", it wrote `{call}`), so the "
                       "result it quotes is another entry's."]
-    if "copy_accuracy" in tool:
+    if "induction" in tool:
         lines += ["", "Every tool call needs in-context copying: the name into the query, the result into the answer. "
                       "The induction test (Olsson et al. 2022: 32 sequences of 50 random tokens, each followed by "
                       "itself) measures it: the tool model predicts "
-                      f"{pct(tool['copy_accuracy'])} of the repeated tokens, the closed-book one "
-                      f"{pct(closed['copy_accuracy'])}; a model with induction heads predicts most of them. "
+                      f"{pct(tool['induction'])} of the repeated tokens, the closed-book one "
+                      f"{pct(closed['induction'])}; a model with induction heads predicts most of them. "
                       "In Olsson et al.'s models they formed after billions of tokens; this run pretrains on a few "
                       "million. Until a model can copy, the toolset cannot help it, whatever the demonstrations."]
     if "sft_code_only" in r:

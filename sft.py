@@ -236,15 +236,15 @@ if __name__ == "__main__":
         # ranks' gradients, the step is that of the mean over the whole batch (a factor of 1 on one rank)
         n_batch = sum(sum(train_examples[i][1][1:]) for i in batch)
         (loss * (int((y >= 0).sum()) * world / n_batch)).backward()
-        lr = cosine_lr(step, args.lr, args.warmup_steps, args.max_steps)
-        norm = clip_and_step(model, optimizer, lr, args.grad_clip)
+        lr_share = cosine_lr(step, args.warmup_steps, args.max_steps)
+        norm = clip_and_step(model, optimizer, lr_share, args.grad_clip)
         synchronize(device)
         dt = time.perf_counter() - t0
         if master and step % args.log_interval == 0:
             tokens = int((y >= 0).sum())
-            log_metrics(log_path, step=step, loss=loss.item(), lr=lr, grad_norm=norm.item(), ms=dt * 1000,
+            log_metrics(log_path, step=step, loss=loss.item(), lr=args.lr * lr_share, grad_norm=norm.item(), ms=dt * 1000,
                         assistant_tok_per_s=tokens / dt)
-            tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss.item():.4f} | lr {lr:.1e} | "
+            tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss.item():.4f} | lr {args.lr * lr_share:.1e} | "
                        f"norm {norm.item():6.3f} | {dt * 1000:6.1f} ms | {tokens / dt:8,.0f} assistant tok/s")
     train_seconds = time.time() - t_start
     if world > 1:

@@ -29,10 +29,12 @@ import re
 import sys
 import time
 from collections import defaultdict, namedtuple
+from statistics import fmean
 
 import torch
 
 from data import CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, stdlib_sources
+from model import induction_test
 from tasks import sample_responses
 
 MAX_RESULT = 300     # characters of a tool result: prompt + call + result + answer fit in 256 tokens
@@ -437,21 +439,10 @@ def evaluate_facts(model, enc, index, questions, max_new_tokens):
     responses = sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens, tool_runner=runner)
     verdicts = [judge_fact(index, q, r["text"]) for q, r in zip(questions, responses)]
     out = {key: [v[key] for v in verdicts] for key in ("right", "attributable", "calls", "found", "failure")}
-    return dict(out, kinds=[q.kind for q in questions], copy_accuracy=copy_accuracy(model), exchanges=[
+    induction = fmean(induction_test(model, torch.arange(model.config.vocab_size - len(SPECIAL_TOKENS))))
+    return dict(out, kinds=[q.kind for q in questions], induction=induction, exchanges=[
         dict(prompt=q.prompt, response=r["text"], **v) for q, r, v in list(zip(questions, responses, verdicts))[:40]])
 
-
-@torch.no_grad()
-def copy_accuracy(model, n=32, length=50, seed=0):
-    """In-context copying, the skill every tool call needs (the name into the query, the result into the
-    answer), by the induction test of Olsson et al. 2022: n sequences of random ordinary tokens, each
-    followed by itself; the share of the repeat's tokens the model predicts top-1. A model with induction
-    heads gets most of them right; chance is one in the vocabulary."""
-    device, vocab = model.lm_head.weight.device, model.config.vocab_size - len(SPECIAL_TOKENS)
-    half = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).to(device)
-    seq = torch.cat([half, half], dim=1)
-    predicted = model(seq)[0][:, length - 1:-1].argmax(-1)  # the predictions of the repeat's tokens
-    return (predicted == half).float().mean().item()
 
 # -----------------------------------------------------------------------------
 

@@ -131,3 +131,18 @@ def test_get_batch_windows_are_shifted_by_one():
     assert x.shape == y.shape == (4, 16) and (y - x == 1).all()
     with pytest.raises(ValueError, match="block_size"):
         get_batch(data[:10], 1, 16, torch.Generator(), torch.device("cpu"))
+
+
+def test_repeats_copy_a_random_span_of_varied_length_to_a_later_place():
+    data = np.arange(10_000, dtype=np.uint16) % 300 + 1000  # a corpus with no repeats of its own inside a window
+    x, y = get_batch(data, 400, 64, torch.Generator().manual_seed(0), torch.device("cpu"), repeats=(0.5, 4, 20, 900))
+    lengths, places = [], set()
+    for w in torch.cat([x, y[:, -1:]], dim=1).tolist():
+        span = [t for t in w if t < 900]  # the inserted tokens: ordinary ids below 900, written twice
+        if span:
+            n = len(span) // 2
+            assert span[:n] == span[n:] and 4 <= n <= 20
+            lengths.append(n)
+            places.add(w.index(span[0]))
+    assert 0.4 < len(lengths) / 400 < 0.6  # about half the windows
+    assert len(set(lengths)) > 10 and len(places) > 20  # many lengths, many places: no positional shortcut

@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def tiny_gpt(attn="flash"):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32,
+    return GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32, zero_init=False,
                          attn=attn)).to(DEVICE)
 
 

@@ -3,12 +3,14 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, attention, sample_next_token, token_logprobs
+from model import (GPT, GPTConfig, KVCache, Muon, attention, induction_test, offset_keys, orthogonalize, rotate,
+                   sample_next_token, token_logprobs)
 
 
 def tiny(**overrides):
     torch.manual_seed(0)
-    config = dict(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16, attn="math")
+    config = dict(block_size=32, vocab_size=61, n_layer=2, n_head=2, n_embd=16, attn="math",
+                  zero_init=False)  # random blocks and head: every path through the model carries signal
     return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 
@@ -146,7 +148,8 @@ def test_a_scored_model_returns_its_scores():
 
 
 @pytest.mark.parametrize("bad,match", [(dict(n_embd=30, n_head=4), "divisible"), (dict(attn="fast"), "attn"),
-                                       (dict(n_layer=0), "positive")])
+                                       (dict(n_layer=0), "positive"), (dict(rotary=False), "key_offset"),
+                                       (dict(n_embd=24, n_head=4), "divisible by 4")])
 def test_bad_configs_are_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**bad)
@@ -157,3 +160,84 @@ def test_too_long_input_is_a_clear_error():
         tiny()(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="block_size"):
         tiny().generate([[1] * 30], 5)
+
+
+def test_the_key_offset_hands_each_key_the_previous_positions_half():
+    k = torch.randn(2, 3, 9, 8)
+    first = (torch.arange(9) == 0)[None, None, :, None]
+    shifted = offset_keys(k, first, None, 0)
+    assert torch.equal(shifted[..., :4], k[..., :4])  # the rotated half stays where it is
+    assert torch.equal(shifted[..., 1:, 4:], k[..., :-1, 4:]) and (shifted[..., 0, 4:] == 0).all()
+    cache = KVCache(1, 9)  # in chunks through the cache: the same keys
+    chunks = [offset_keys(k[:, :, :5], first[:, :, :5], cache, 0)]
+    for t in range(5, 9):
+        cache.pos = t  # as KVCache.update leaves it after each step
+        chunks.append(offset_keys(k[:, :, t:t + 1], first[:, :, t:t + 1], cache, 0))
+    assert torch.equal(torch.cat(chunks, dim=2), shifted)
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    q, k, freq = torch.randn(8), torch.randn(8), 10000.0 ** -torch.arange(0, 1, 0.5)
+    def score(i, j):  # q at position i, k at position j
+        rq, rk = (rotate(x, (p * freq).cos(), (p * freq).sin()) for x, p in ((q, i), (k, j)))
+        return rq @ rk
+    torch.testing.assert_close(score(3, 1), score(12, 10))
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_the_gpt2_layout_is_every_modern_field_off():
+    old = tiny(rotary=False, key_offset=False, qk_norm=False, relu2=False, untied_head=False)
+    assert old.transformer.wpe is not None and old.transformer.wte.weight is old.lm_head.weight
+    assert not hasattr(tiny().transformer, "wpe") and tiny().transformer.wte.weight is not tiny().lm_head.weight
+
+
+def test_orthogonalize_sets_every_singular_value_near_one():
+    for shape in ((3, 16, 16), (48, 16), (16, 48)):
+        s = torch.linalg.svdvals(orthogonalize(torch.randn(*shape)))
+        assert s.min() > 0.6 and s.max() < 1.25, shape  # Jordan et al.: about [0.7, 1.2], enough for an update
+
+
+def test_muon_orthogonalizes_the_matrices_and_leaves_the_rest_to_the_textbook_adamw():
+    a, b = tiny().train(), tiny().train()
+    ours = a.configure_optimizers(1e-2, 0.1, (0.9, 0.95), "cpu", matrix_lr=0.02)
+    assert isinstance(ours, Muon) and [g["muon"] for g in ours.param_groups] == [False, False, True, True]
+    idx = torch.randint(0, 61, (2, 12))
+    a(idx, idx)[1].backward()
+    fc = a.transformer.h[0].mlp.c_fc.weight  # (4C, C): tall, so its step is scaled by sqrt(4)
+    before, grad = fc.detach().clone(), fc.grad.clone()
+    ours.step()
+    torch.testing.assert_close(fc - before, -0.02 * 2 * orthogonalize(grad[None])[0], rtol=1e-4, atol=1e-6)
+    a = tiny().train()
+    ours = a.configure_optimizers(1e-2, 0.1, (0.9, 0.95), "cpu", matrix_lr=0.02)
+    for g in ours.param_groups:  # the matrices held still, the other parameters step for step with torch's AdamW
+        g["lr"] = 0.0 if g["muon"] else g["lr"]
+    name_of, twin = {id(p): n for n, p in a.named_parameters()}, dict(b.named_parameters())
+    reference = torch.optim.AdamW([dict(params=[twin[name_of[id(p)]] for p in g["params"]],
+                                        weight_decay=g["weight_decay"]) for g in ours.param_groups if not g["muon"]],
+                                  lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        for model, opt in ((a, ours), (b, reference)):
+            model(idx, idx)[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p, twin[n], rtol=1e-4, atol=1e-6)
+
+
+class Copier(torch.nn.Module):
+    """A stand-in GPT whose logits pick the token `back` positions earlier (back=length: a perfect copier)."""
+
+    def __init__(self, back):
+        super().__init__()
+        self.back, self.lm_head, self.config = back, torch.nn.Linear(1, 1), GPTConfig(block_size=100)
+
+    def forward(self, idx):
+        source = torch.roll(idx, self.back - 1, dims=1)  # position t predicts token t+1 = token t+1-back
+        return torch.nn.functional.one_hot(source, 64).float(), None
+
+
+def test_the_induction_test_scores_copying_and_only_copying():
+    pool = torch.arange(64)
+    assert induction_test(Copier(back=50), pool, length=50) == [1.0] * 4  # reads the token one repeat back
+    assert max(induction_test(Copier(back=49), pool, length=50)) < 0.1  # one position off: chance
+    assert max(induction_test(Copier(back=1), pool, length=50)) < 0.1  # repeats the current token

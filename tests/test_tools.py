@@ -10,7 +10,7 @@ import torch
 
 from data import (CALL, CALL_END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, load_tokenizer,
                   prose_of, save_tokenizer, train_bpe)
-from tools import (KINDS, MAX_RESULT, Question, ToolRunner, build_index, calculate, copy_accuracy, demonstrate_fact,
+from tools import (KINDS, MAX_RESULT, Question, ToolRunner, build_index, calculate, demonstrate_fact,
                    entries_of,
                    facts_of, judge_fact, load_index, lookup, make_questions, render_response, run_tool)
 
@@ -200,23 +200,3 @@ def test_the_real_index_builds_fast_and_caches(tmp_path):
         path.write_text(malformed)
         with pytest.raises(ValueError, match="delete it"):
             load_index(path)
-
-
-class Predictor(torch.nn.Module):
-    """A stand-in GPT whose logits pick the token `back` positions earlier (back=length: a perfect copier)."""
-
-    def __init__(self, vocab_size, back):
-        super().__init__()
-        self.config, self.back = type("Config", (), dict(vocab_size=vocab_size))(), back
-        self.lm_head = torch.nn.Linear(1, 1)
-
-    def forward(self, idx):
-        source = torch.roll(idx, self.back - 1, dims=1)  # position t predicts token t+1 = token t+1-back
-        return torch.nn.functional.one_hot(source, self.config.vocab_size).float(), None
-
-
-def test_the_induction_test_scores_copying_and_only_copying():
-    vocab = 64 + len(SPECIAL_TOKENS)
-    assert copy_accuracy(Predictor(vocab, back=50), length=50) == 1.0  # reads the token one repeat back
-    assert copy_accuracy(Predictor(vocab, back=49), length=50) < 0.1  # one position off: chance
-    assert copy_accuracy(Predictor(vocab, back=1), length=50) < 0.1  # repeats the current token
