@@ -122,7 +122,8 @@ def test_the_reward_sources():
 
 def test_the_reward_model_reads_the_last_token_of_prompt_plus_response():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, n_scores=1)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=1, n_head=2, n_embd=16, n_scores=1,
+                        zero_init=False)).eval()
     torch.nn.init.normal_(model.score_head.weight)
     seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
     with torch.no_grad():
@@ -133,7 +134,7 @@ def test_the_reward_model_reads_the_last_token_of_prompt_plus_response():
 
 def test_rollout_layout_logprobs_match_sampling_at_the_same_temperature():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, zero_init=False)).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     tokens, sampled_lp, lengths, _ = model.generate(prompts, 6, temperature=0.7, generator=torch.Generator().manual_seed(1))
     responses = [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]

@@ -40,8 +40,11 @@ def world(tmp_path_factory, tokenizer_path, enc, preference_trainer):
         prompt = rng.choice(prompts)
         return prompt + with_target, prompt + without
 
-    rm = GPT(GPTConfig(**shape, n_scores=1))
-    losses = preference_trainer(rm, pair, 250)
+    # the GPT-2 layout learns this bag-of-tokens preference surely in 600 steps, where the modern one
+    # (queries and keys of 16 channels normalized, ReLU^2) does on some seeds only
+    rm = GPT(GPTConfig(**shape, n_scores=1, rotary=False, key_offset=False, qk_norm=False, relu2=False,
+                       untied_head=False, zero_init=False))
+    losses = preference_trainer(rm, pair, 600)
     assert sum(losses[-10:]) / 10 < 0.2
     save_checkpoint(root / "reward.pt", rm, "reward", enc)
     save_checkpoint(root / "rules.pt", GPT(GPTConfig(**shape, n_scores=2)), "rules", enc)
