@@ -84,7 +84,7 @@ if __name__ == "__main__":
                         "(default: on CUDA)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds init and batch sampling")
     parser.add_argument("--peak_flops", type=positive_float, default=None, help="the FLOP/s MFU divides by "
-                        "(default: a GPU's datasheet peak, or a matmul measured once on this machine)")
+                        "(default: a GPU's datasheet peak, or a matmul timed at the start of the run)")
     args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
