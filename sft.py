@@ -21,7 +21,7 @@ every RL run (ppo.py) is compared with them.
 
     python sft.py                                    # cpu preset, from out/pretrain_domain/ckpt.pt
     python sft.py --tools 0 --out_dir out/sft_closed_book   # the closed-book baseline
-    python sft.py --demos examples/demos.jsonl --out_dir out/sft_mine   # your own demonstrations (data.read_demos)
+    python sft.py --demos examples/demos.jsonl examples/conversations.jsonl --out_dir out/sft_mine   # your own
     python sft.py --preset gpu --out_dir out_gpu/sft --init_from out_gpu/pretrain_domain/ckpt.pt ...
 
 Honest simplifications: InstructGPT trained 16 epochs with dropout 0.2 and picked the checkpoint
@@ -83,8 +83,9 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/sft", help="checkpoint, log and summary go here")
     # data
-    parser.add_argument("--demos", default=None, help="your own demonstrations instead of the world's: JSON Lines "
-                        "of {prompt, completion} or {messages} (data.read_demos); every 20th is held out")
+    parser.add_argument("--demos", nargs="+", default=None, help="your own demonstrations instead of the world's: "
+                        "JSON Lines files of {prompt, completion} or {messages}, one format per file as datasets "
+                        "and TRL load them (data.read_demos); every 20th of them all is held out")
     parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
     parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
@@ -134,11 +135,11 @@ if __name__ == "__main__":
     enc = load_tokenizer(args.tokenizer)
     if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out
         block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
-        demos = [encode_conversation(enc, turns) for turns in read_demos(args.demos)]
+        demos = [encode_conversation(enc, turns) for path in args.demos for turns in read_demos(path)]
         train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
-                                                                args.demos))
+                                                                " + ".join(args.demos)))
         n_skipped = len(demos) - len(train_examples) - len(val_examples)
-        print(f"data: {len(train_examples)} of your demonstrations from {args.demos}, mean "
+        print(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
               f"{n_skipped} skipped")
     else:
