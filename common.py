@@ -116,10 +116,12 @@ def synchronize(device):
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
-def peak_flops(device, pinned=None):
+def peak_flops(device, pinned=None, dtype=None):
     """(the FLOP/s that MFU divides by, where it came from): pinned by a flag; a known GPU's
-    datasheet bf16 peak; or the rate of a large matmul timed at the start of this run, the best any
-    model's matmuls could do here. Measured in each run, with the threads it trains on, so that
+    datasheet bf16 peak; or the rate of a large matmul in dtype (the run's autocast dtype; default
+    bf16 on a GPU, fp32 on a CPU) timed at the start of this run, the best any model's matmuls could
+    do here (a CPU with bf16 instructions runs bf16 faster than fp32: an fp32 peak put the bf16
+    rehearsal's MFU at 198%). Measured in each run, with the threads it trains on, so that
     nothing is kept outside the run's folder; the fastest of ten trials, so that a busy moment
     lowers the peak (and inflates the MFU) only if it lasts the whole measurement."""
     if pinned:
@@ -129,7 +131,7 @@ def peak_flops(device, pinned=None):
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name}, datasheet bf16 peak"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 4096 if device.type == "cuda" else 2048
     a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change a matmul's speed
     b = torch.ones(n, n, device=device, dtype=dtype)
@@ -140,7 +142,8 @@ def peak_flops(device, pinned=None):
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best, f"the fastest of 10 {device.type} {n}x{n} matmuls at the start of the run"
+    return 2 * n**3 / best, (f"the fastest of 10 {device.type} {n}x{n} {str(dtype).split('.')[-1]} matmuls at "
+                             "the start of the run")
 
 # -----------------------------------------------------------------------------
 # the training step

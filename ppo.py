@@ -322,6 +322,8 @@ if __name__ == "__main__":
     parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
+                        "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
     args = parse_args(parser, PRESETS)
     if args.advantage == "grpo" and args.group_size < 2:
@@ -335,7 +337,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # device, dtype
-    device, autocast = setup_device(args.device)
+    device, autocast = setup_device(args.device, args.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     torch.manual_seed(args.seed)

@@ -84,8 +84,7 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default="out/sft", help="checkpoint, log and summary go here")
     # data
     parser.add_argument("--demos", nargs="+", default=None, help="your own demonstrations instead of the world's: "
-                        "JSON Lines files of {prompt, completion} or {messages}, one format per file as datasets "
-                        "and TRL load them (data.read_demos); every 20th of them all is held out")
+                        "JSON Lines files, one format per file (data.read_demos); every 20th of them all is held out")
     parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
     parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
@@ -114,6 +113,8 @@ if __name__ == "__main__":
                         "questions alone (the closed-book baseline's)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
+                        "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds demonstrations and batches")
     args = parse_args(parser, PRESETS)
 
@@ -124,7 +125,7 @@ if __name__ == "__main__":
     master = rank == 0
     if not master:
         sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
-    device, autocast = setup_device(device_name)
+    device, autocast = setup_device(device_name, args.dtype)
     if args.batch_size % world:
         raise ValueError(f"--batch_size {args.batch_size} does not divide among {world} ranks")
     os.makedirs(args.out_dir, exist_ok=True)
