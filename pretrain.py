@@ -178,7 +178,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the loop
     flops_per_step = raw_model.flops_per_token(args.block_size) * args.total_batch_tokens
-    peak, peak_source = peak_flops(device, args.peak_flops, getattr(autocast, "fast_dtype", None))  # bf16 if autocast
+    peak, peak_source = peak_flops(device, args.peak_flops, getattr(autocast, "fast_dtype", None))  # matmuls' dtype
     print(f"MFU is model FLOPs ({flops_per_step / args.total_batch_tokens / 1e6:.1f} MFLOP/token) over "
           f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
     stop = StopFlag()
