@@ -53,6 +53,10 @@ def test_the_quick_rehearsal_runs_every_stage_to_the_report(tmp_path, monkeypatc
                 assert status in (0, None), (name, out[-3000:])
     finally:
         torch.set_num_threads(threads)
+        leaked = torch.is_autocast_enabled("cpu")  # one autocast entered inside itself stays on after both exits
+        torch.set_autocast_enabled("cpu", False)  # so that a leak fails this test, not every training test after it
+        torch.clear_autocast_cache()
+    assert not leaked, "a stage left bf16 autocast on"
     run.write_report(args, {}, 0.0)
 
     for path in ("pretrain_generic/ckpt.pt", "pretrain_domain/ckpt.pt", "sft/ckpt.pt", "reward/reward.pt",
