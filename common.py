@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
 import time
 from contextlib import nullcontext
@@ -117,15 +116,14 @@ def synchronize(device):
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
-PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llm-pipeline", "peak_flops.json")
-
-
-def peak_flops(device, pinned=None):
+def peak_flops(device, pinned=None, dtype=None):
     """(the FLOP/s that MFU divides by, where it came from): pinned by a flag; a known GPU's
-    datasheet bf16 peak; or the rate of a large matmul on this machine, the best any model's
-    matmuls could do here. Each call times it again and keeps the best rate ever seen on this
-    machine (and thread count) in PEAK_CACHE: a busy moment cannot lower the peak, so it cannot
-    inflate an MFU, and the denominator settles instead of wandering from run to run."""
+    datasheet bf16 peak; or the rate of a large matmul in dtype (the run's autocast dtype; default
+    bf16 on a GPU, fp32 on a CPU) timed at the start of this run, the best any model's matmuls could
+    do here (a CPU with bf16 instructions runs bf16 faster than fp32: an fp32 peak put the bf16
+    rehearsal's MFU at 198%). Measured in each run, with the threads it trains on, so that
+    nothing is kept outside the run's folder; the fastest of ten trials, so that a busy moment
+    lowers the peak (and inflates the MFU) only if it lasts the whole measurement."""
     if pinned:
         return pinned, "pinned by --peak_flops"
     if device.type == "cuda":
@@ -133,14 +131,7 @@ def peak_flops(device, pinned=None):
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"{name}, datasheet bf16 peak"
-    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    machine = f"{device.type} {chip} {platform.node()} threads={torch.get_num_threads()} torch={torch.__version__}"
-    try:
-        with open(PEAK_CACHE) as f:
-            cache = json.load(f)
-    except (OSError, ValueError):
-        cache = {}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 4096 if device.type == "cuda" else 2048
     a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change a matmul's speed
     b = torch.ones(n, n, device=device, dtype=dtype)
@@ -151,11 +142,8 @@ def peak_flops(device, pinned=None):
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    if 2 * n**3 / best > cache.get(machine, 0.0):
-        cache[machine] = 2 * n**3 / best
-        os.makedirs(os.path.dirname(PEAK_CACHE), exist_ok=True)
-        write_json(PEAK_CACHE, cache)
-    return cache[machine], f"the best {device.type} matmul rate measured on this machine, kept in {PEAK_CACHE}"
+    return 2 * n**3 / best, (f"the fastest of 10 {device.type} {n}x{n} {str(dtype).split('.')[-1]} matmuls at "
+                             "the start of the run")
 
 # -----------------------------------------------------------------------------
 # the training step

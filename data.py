@@ -466,7 +466,9 @@ def segments(text):
 # conversational form). Each record becomes the (request, response) turns encode_conversation takes, so the
 # loss is on every assistant turn. A response is read as the model writes it, a tool call and its result in
 # the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments); that is how --export
-# writes the world's factual demonstrations. TRL's tool_calls and tool messages are not read.
+# writes the world's factual demonstrations. TRL's tool_calls and tool messages are not read. One format per file,
+# as --export and examples/ write them: datasets.load_dataset("json") gives a file one schema, every key on every
+# record (None where absent), which TRL cannot train on; sft.py --demos takes several files.
 
 SFT_FACT_SEED = 50  # sft.py's FACT_SEED, for the export (tests/test_user_data.py checks that they agree)
 

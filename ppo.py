@@ -377,6 +377,8 @@ if __name__ == "__main__":
     parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
+                        "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
     args = parse_args(parser, PRESETS)
     if args.advantage == "grpo" and args.group_size < 2:
@@ -390,7 +392,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # device, dtype
-    device, autocast = setup_device(args.device)
+    device, autocast = setup_device(args.device, args.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     torch.manual_seed(args.seed)
@@ -472,7 +474,10 @@ if __name__ == "__main__":
     @torch.no_grad()
     def kl_per_response(prompts, samples):
         """KL(policy || SFT) of each sampled response: its summed log-ratio (the k1 estimator, whose
-        mean over the policy's own samples is the KL)."""
+        mean over the policy's own samples is the KL). Never call it inside `with autocast`: one
+        torch.autocast entered twice restores, on the way out, the state it found inside itself, so
+        autocast stays on after both exits, with a stale cache of cast weights (the in-process
+        rehearsal's later optimizer steps then changed nothing)."""
         kls = []
         for start in range(0, len(samples), SCORE_BATCH):
             chunk = slice(start, start + SCORE_BATCH)
@@ -597,7 +602,7 @@ if __name__ == "__main__":
                                              torch.Generator().manual_seed(args.seed)) for m in (policy, reference))
             rm_ours, rm_sft = (score_responses(reward_model, rule_model, [p + s["tokens"] for p, s in zip(jobs, ss)],
                                                pad_id)[0].tolist() for ss in (ours, theirs))
-            kls = kl_per_response(jobs, ours)
+        kls = kl_per_response(jobs, ours)  # outside: it enters autocast itself (see kl_per_response)
         unavailable = {"gold judge (pass@1, utility, violations, hack rate)": "your prompts have no hidden tests",
                        "win rate vs SFT": "no simulated labeler knows your preference (the RM's score of SFT's "
                        "samples stands beside)", **({} if rule_model else {"rule term": "no rules.pt in --reward_dir"})}
@@ -640,8 +645,7 @@ if __name__ == "__main__":
     n_sft = len(sft_samples) // len(eval_tasks)
     labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
                                              n, n_sft, random.Random(args.seed + LABELER_SEED))
-    with autocast:
-        kls = kl_per_response([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
+    kls = kl_per_response([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
     summary = dict(sampled={k: ours["sampled"][k] for k in ("passed", "utility", "violated", "hacked")},
                    greedy_passed=ours["greedy"]["passed"], labeler_wins=labeler_wins, noiseless_wins=noiseless_wins,
                    kl=kls, generic_val_losses_before=generic_before,

@@ -102,7 +102,7 @@ if __name__ == "__main__":
                         "(default: on CUDA)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds init and batch sampling")
     parser.add_argument("--peak_flops", type=positive_float, default=None, help="the FLOP/s MFU divides by "
-                        "(default: a GPU's datasheet peak, or a matmul measured once on this machine)")
+                        "(default: a GPU's datasheet peak, or a matmul timed at the start of the run)")
     args = parse_args(parser, PRESETS)
 
     # -----------------------------------------------------------------------------
@@ -203,7 +203,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # the loop
     flops_per_step = raw_model.flops_per_token(args.block_size) * args.total_batch_tokens
-    peak, peak_source = peak_flops(device, args.peak_flops)
+    peak, peak_source = peak_flops(device, args.peak_flops, getattr(autocast, "fast_dtype", None))  # matmuls' dtype
     print(f"MFU is model FLOPs ({flops_per_step / args.total_batch_tokens / 1e6:.1f} MFLOP/token) over "
           f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
     stop = StopFlag()

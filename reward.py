@@ -155,6 +155,8 @@ if __name__ == "__main__":
                         "the largest needs as many SFT samples per test prompt (sft.py --n_samples)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
+                        "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, samples and labelers")
     args = parse_args(parser, PRESETS)
     if args.best_of[0] != 1 or any(b != 2 * a for a, b in zip(args.best_of, args.best_of[1:])):
@@ -168,7 +170,7 @@ if __name__ == "__main__":
     master = rank == 0
     if not master:
         sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
-    device, autocast = setup_device(device_name)
+    device, autocast = setup_device(device_name, args.dtype)
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} does not divide among {world} ranks")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -8,6 +8,7 @@ comes from the files the stages wrote, and every comparison carries a 95% bootst
     python run.py --extended                                      # and the RL variants past the budget
     python run.py --preset quick                                  # every stage, small and fast
     python run.py --preset gpu --out_dir out_gpu                  # GPT-2 small on one GPU
+    python run.py --preset gpu --rehearse                         # the same, a few steps a stage, on a CPU
 
 Re-running skips every stage whose outputs are complete (a summary that parses, a finished
 checkpoint); an interrupted stage resumes from its checkpoint. Delete a stage's folder to rerun it.
@@ -38,6 +39,18 @@ PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev
     "ppo_dev_beta0.15": (["--eval_set", "dev"], False),
 }
 EXAMPLE_TASKS = ("test:0", "test:1", "test:2")  # the held-out requests the report shows every model answering
+# --rehearse: every stage for a few steps at the preset's shapes and on its data, through the GPU's code paths
+# (bf16 autocast; pretraining compiled) on whatever machine runs it, so that a crash at the gpu preset's shapes
+# shows up on a CPU before a card is paid for. Batches shrink to a few sequences (two micro-steps of 2 x 1024
+# tokens keep gradient accumulation): a batch of 32 x 1024 tests the card's memory, which a CPU cannot tell.
+# SFT and PPO judge the same 4 test prompts: PPO meets SFT's samples prompt by prompt.
+REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_batch_tokens", "4096",
+                             "--eval_batches", "1", "--dtype", "bfloat16", "--compile", "1"],
+             "sft.py": ["--max_steps", "2", "--batch_size", "8", "--n_eval", "4", "--n_samples", "4",
+                        "--n_fact_eval", "4", "--dtype", "bfloat16"],
+             "reward.py": ["--n_prompts", "16", "--best_of", "1", "2", "4", "--dtype", "bfloat16"],
+             "ppo.py": ["--iterations", "2", "--rollout_batch", "8", "--minibatch", "4", "--n_eval", "4",
+                        "--eval_samples", "2", "--dtype", "bfloat16"]}
 
 
 def stage_graph(args):
@@ -80,6 +93,8 @@ def stage_graph(args):
         "chat.py", "--models", *models, "--reward_dir", f"{out}/reward", "--best_of", "16" if args.preset != "quick"
         else "4", "--temperature", "0", *[a for t in EXAMPLE_TASKS for a in ("--task", t)], "--json",
         f"{out}/examples/summary.json", "--tokenizer", f"{out}/tokenizer.json"]))
+    if args.rehearse:  # the rehearsal's flags last: where a stage's own flags say otherwise, these win
+        stages = [(name, needs, command + REHEARSAL.get(command[0], [])) for name, needs, command in stages]
     return stages
 
 
@@ -647,10 +662,14 @@ def write_report(args, timings, wall):
     r["out"], r["extended"] = out, args.extended
     figures(out, r)
     lines = ["# Report", "",
-             f"Written by `python run.py --preset {args.preset}{' --extended' if args.extended else ''}` on "
+             f"Written by `python run.py --preset {args.preset}{' --extended' if args.extended else ''}"
+             f"{' --rehearse' if args.rehearse else ''}` on "
              f"{time.strftime('%Y-%m-%d')}; the run took {wall / 60:.1f} min from its first stage to its report "
              f"({args.jobs} stages at a time; the stages' own times, below, add up to "
              f"{sum(timings.values()) / 60:.1f} min).", ""]
+    if args.rehearse:
+        lines += ["**A rehearsal**: every stage ran a few steps at the preset's shapes, to find what crashes; "
+                  "its numbers say nothing about the models.", ""]
     lines += claims(out, r) + report_pretraining(out, r, timings) + report_sft(out, r, timings) + report_tools(out, r)
     lines += report_reward(out, r) + report_ppo(out, r) + report_variants(out, r) + report_examples(out)
     change = what_ppo_changed(r)
@@ -668,12 +687,16 @@ def write_report(args, timings, wall):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=["quick", "cpu", "gpu"], help="preset for every stage")
-    parser.add_argument("--out_dir", default="out", help="every stage writes under this folder")
+    parser.add_argument("--rehearse", action="store_true", help="every stage for a few steps at the preset's shapes, "
+                        "on its data, with bf16 autocast and compiled pretraining, on any machine (see REHEARSAL)")
+    parser.add_argument("--out_dir", default=None, help="every stage writes under this folder (default: out, or "
+                        "out_rehearse with --rehearse, so that a rehearsal's stages never pass for a run's)")
     parser.add_argument("--extended", action="store_true", help="also the RL runs past the default's time budget: "
                         "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time (1: one at a time, output "
                         "on the terminal)")
     args = parser.parse_args()
+    args.out_dir = args.out_dir or ("out_rehearse" if args.rehearse else "out")
     os.makedirs(args.out_dir, exist_ok=True)
     timings_path, wall_path = (os.path.join(args.out_dir, name) for name in ("timings.json", "wall_time.json"))
     timings = read_json(timings_path) if os.path.exists(timings_path) else {}

@@ -21,7 +21,7 @@ every RL run (ppo.py) is compared with them.
 
     python sft.py                                    # cpu preset, from out/pretrain_domain/ckpt.pt
     python sft.py --tools 0 --out_dir out/sft_closed_book   # the closed-book baseline
-    python sft.py --demos examples/demos.jsonl --out_dir out/sft_mine   # your own demonstrations (data.read_demos)
+    python sft.py --demos examples/demos.jsonl examples/conversations.jsonl --out_dir out/sft_mine   # your own
     python sft.py --preset gpu --out_dir out_gpu/sft --init_from out_gpu/pretrain_domain/ckpt.pt ...
 
 Honest simplifications: InstructGPT trained 16 epochs with dropout 0.2 and picked the checkpoint
@@ -83,8 +83,8 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
     parser.add_argument("--out_dir", default="out/sft", help="checkpoint, log and summary go here")
     # data
-    parser.add_argument("--demos", default=None, help="your own demonstrations instead of the world's: JSON Lines "
-                        "of {prompt, completion} or {messages} (data.read_demos); every 20th is held out")
+    parser.add_argument("--demos", nargs="+", default=None, help="your own demonstrations instead of the world's: "
+                        "JSON Lines files, one format per file (data.read_demos); every 20th of them all is held out")
     parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
     parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
@@ -113,6 +113,8 @@ if __name__ == "__main__":
                         "questions alone (the closed-book baseline's)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
+                        "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds demonstrations and batches")
     args = parse_args(parser, PRESETS)
 
@@ -123,7 +125,7 @@ if __name__ == "__main__":
     master = rank == 0
     if not master:
         sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
-    device, autocast = setup_device(device_name)
+    device, autocast = setup_device(device_name, args.dtype)
     if args.batch_size % world:
         raise ValueError(f"--batch_size {args.batch_size} does not divide among {world} ranks")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -134,11 +136,11 @@ if __name__ == "__main__":
     enc = load_tokenizer(args.tokenizer)
     if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out
         block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
-        demos = [encode_conversation(enc, turns) for turns in read_demos(args.demos)]
+        demos = [encode_conversation(enc, turns) for path in args.demos for turns in read_demos(path)]
         train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
-                                                                args.demos))
+                                                                " + ".join(args.demos)))
         n_skipped = len(demos) - len(train_examples) - len(val_examples)
-        print(f"data: {len(train_examples)} of your demonstrations from {args.demos}, mean "
+        print(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
               f"{n_skipped} skipped")
     else:

@@ -20,6 +20,8 @@ def test_quick_pipeline_runs_every_stage_and_reports(tmp_path):
                     "## Grounding", "## Reward models and best-of-n", "## RLHF with PPO", "## Rewards you can verify",
                     "## What the models write"):
         assert heading in report, heading
+    # nothing of this machine's in the report: not the run's folder, the checkout or the home folder
+    assert not any(path in report for path in (str(tmp_path), ROOT, os.path.expanduser("~") + "/")), report
     assert all((tmp_path / "figures" / f"{name}.png").stat().st_size > 1000
                for name in ("pretrain", "sft", "reward", "best_of_n", "ppo", "variants"))
     ptx = json.loads((tmp_path / "ppo_ptx" / "summary.json").read_text())

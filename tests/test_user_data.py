@@ -1,6 +1,7 @@
 """Your own data (data.read_demos, read_pairs, read_prompts): each format parsed, each malformed line a
 clear error naming it, the world exported and read back into exactly what the stages build, and the three
 stages end to end on examples/ with tiny checkpoints."""
+import glob
 import json
 import os
 import random
@@ -29,6 +30,23 @@ def write(path, *records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
                     encoding="utf-8")
     return str(path)
+
+
+def schemas(path):
+    """The distinct schemas in a JSON Lines file, each its records' keys and their JSON types: a file that
+    datasets.load_dataset("json") reads as its records are (one schema) has exactly one."""
+    with open(path, encoding="utf-8") as f:
+        return {tuple(sorted((k, type(v).__name__) for k, v in json.loads(line).items())) for line in f if line.strip()}
+
+
+def test_one_format_per_example_file():
+    """TRL trains on each example file loaded by datasets, which gives a file one schema: a file mixing
+    {prompt, completion} and {messages} records fails there (every record gets all three, None where absent)."""
+    files = {os.path.basename(path): schemas(path) for path in glob.glob(os.path.join(EXAMPLES, "*.jsonl"))}
+    assert files == {"demos.jsonl": {(("completion", "str"), ("prompt", "str"))},
+                     "conversations.jsonl": {(("messages", "list"),)},
+                     "pairs.jsonl": {(("chosen", "str"), ("prompt", "str"), ("rejected", "str"))},
+                     "prompts.jsonl": {(("prompt", "str"),)}}
 
 
 def test_demonstrations_in_both_shapes_multi_turn_tools_and_unicode(tmp_path, enc):
@@ -122,6 +140,8 @@ def test_the_exported_world_reads_back_into_what_the_stages_build(tmp_path, monk
     (run / "reward").mkdir()
     (run / "reward" / "comparisons.json").write_text(json.dumps(records))
     export_world(str(run), str(tmp_path / "export"))
+    for name in ("demos.jsonl", "pairs.jsonl", "prompts.jsonl"):
+        assert len(schemas(tmp_path / "export" / name)) == 1, name  # one format per file, as TRL loads them
 
     rng = random.Random(cfg["seed"])  # sft.py's default data section
     expected = [encode_chat(enc, t.prompt, demonstrate(t, rng, cfg["flaw_rate"])[0])
@@ -154,8 +174,9 @@ def test_sft_reward_and_ppo_run_on_the_example(tmp_path, enc, tokenizer_path):
         with open(tmp_path / script[:-3] / "summary.json") as f:
             return json.load(f), out
 
-    sft_summary, _ = stage("sft.py", "--demos", os.path.join(EXAMPLES, "demos.jsonl"), "--init_from",
-                           str(tmp_path / "pretrain.pt"), "--max_steps", "10", "--max_new_tokens", "8")
+    sft_summary, _ = stage("sft.py", "--demos", os.path.join(EXAMPLES, "demos.jsonl"),
+                           os.path.join(EXAMPLES, "conversations.jsonl"), "--init_from", str(tmp_path / "pretrain.pt"),
+                           "--max_steps", "10", "--max_new_tokens", "8")
     assert sft_summary["n_val"] == 3 and sft_summary["n_train"] + sft_summary["n_val"] + sft_summary["n_skipped"] == 44
     reward_summary, _ = stage("reward.py", "--pairs", os.path.join(EXAMPLES, "pairs.jsonl"), "--sft",
                               str(tmp_path / "sft" / "ckpt.pt"), "--val_share", "0.25", "--epochs", "10",
