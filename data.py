@@ -41,7 +41,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from common import write_json
+from common import atomic_write, print0, write_json
 
 # GPT-4's pre-split (cl100k_base): contractions, words with one leading non-letter, numbers of up
 # to 3 digits, punctuation runs, newlines, spaces. BPE never merges across these chunks, so a
@@ -248,10 +248,8 @@ def train_bpe(docs, vocab_size):
 def save_tokenizer(path, merged_tokens):
     state = dict(pattern=SPLIT_PATTERN, special_tokens=list(SPECIAL_TOKENS),
                  merged_tokens=[base64.b64encode(t).decode("ascii") for t in merged_tokens])
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(state, f)
-    os.replace(tmp, path)
 
 
 def tokenizer_ranks(path):
@@ -316,13 +314,12 @@ def write_tokens(enc, docs, path):
     eot = enc.encode_single_token(EOT)
     dtype = np.uint16 if enc.n_vocab < 2**16 else np.uint32
     n_tokens = 0
-    with open(f"{path}.tmp", "wb") as f:
+    with atomic_write(path, "wb") as f:
         for start in range(0, len(docs), 256):
             batch = enc.encode_ordinary_batch(docs[start:start + 256], num_threads=os.cpu_count() or 1)
             for ids in batch:
                 np.asarray(ids + [eot], dtype=dtype).tofile(f)
                 n_tokens += len(ids) + 1
-    os.replace(f"{path}.tmp", path)
     return n_tokens, sum(len(d.encode("utf-8")) for d in docs)
 
 
@@ -562,8 +559,8 @@ def fit_block(items, lengths, block_size, path):
     cut: a cut demonstration teaches answers that stop mid-way, a cut pair is judged on half a response."""
     kept = [x for x, n in zip(items, lengths) if n <= block_size]
     if len(kept) < len(items):
-        print(f"{path}: skipped {len(items) - len(kept)} of {len(items)} records: longer than the model's block "
-              f"of {block_size} tokens")
+        print0(f"{path}: skipped {len(items) - len(kept)} of {len(items)} records: longer than the model's block "
+               f"of {block_size} tokens")
     if not kept:
         raise DataError(f"{path}: no record fits the model's block of {block_size} tokens")
     return kept

@@ -16,7 +16,6 @@ written out by hand so that a student can read all of it.
   and rule models, saved in the same checkpoint format as a language model;
 - atomic checkpoints that say which stage and which tokenizer made them.
 """
-import contextlib
 import math
 import os
 from collections import namedtuple
@@ -25,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from common import atomic_write, print0
 
 ATTENTION_PATHS = ("auto", "math", "sdpa", "flash")
 QK_GAIN = 2.0  # with QK-norm, the attention logits are scaled by this beyond 1/sqrt(head size)
@@ -120,7 +121,7 @@ def attention(q, k, v, path="auto", key_start=None):
     path = resolve_attention_path(path, q.device, q.size(-1))
     if not torch.compiler.is_compiling() and path not in _announced:  # a print splits a graph
         _announced.add(path)
-        print(f"attention: {path} path on {q.device.type}")
+        print0(f"attention: {path} path on {q.device.type}")  # under torchrun, once, not once per rank
     if path == "flash":
         return _flash_attention(q, k, v, key_start)
     T_q, T_k = q.size(-2), k.size(-2)
@@ -587,8 +588,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, model, stage, tokenizer, **extra):
-    """Write atomically: to a temporary file, flushed to disk, then renamed over the old one, so
-    a run killed while saving (or a full disk) leaves the previous checkpoint intact. Only plain
+    """Write atomically (common.atomic_write), so that a run killed while saving (or a full disk)
+    leaves the previous checkpoint intact. Only plain
     types go in (tensors, numbers, strings, lists, dicts), so that loading runs no code. A model
     whose weights are not finite is never saved: the last good checkpoint stays."""
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -597,16 +598,10 @@ def save_checkpoint(path, model, stage, tokenizer, **extra):
                               f"training diverged (learning rate too high?) and the last good checkpoint is kept")
     ckpt = dict(stage=stage, model_args=asdict(model.config), model=model.state_dict(),
                 tokenizer=dict(name=tokenizer.name, n_vocab=tokenizer.n_vocab), **extra)
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, most often: say so, and leave no half file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except OSError as e:  # a full disk, most often: say so (atomic_write leaves no half file behind)
         raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, if any, "
                               f"is intact") from e
 

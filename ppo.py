@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
+from common import (HelpFormatter, StopFlag, check_finite, log_metrics, nonneg_float, nonneg_int, parse_args,
                     positive_float, positive_int, setup_device, trim_log, write_json)
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
@@ -558,9 +558,10 @@ if __name__ == "__main__":
                         kl_coef=kl_coef, ptx=ptx, ptx_coef=args.ptx_coef)
                 # separate models: each gets only its own loss's gradient
                 (policy_loss if value_loss is None else policy_loss + value_loss).backward()
-                clip_and_step(policy, policy_opt, 1.0, args.grad_clip)  # a constant learning rate
-                if value_model is not None:
-                    clip_and_step(value_model, value_opt, 1.0, args.grad_clip)
+                for m, opt in [(policy, policy_opt)] + ([(value_model, value_opt)] if value_model else []):
+                    check_finite(torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or float("inf")))
+                    opt.step()  # at a constant learning rate
+                    opt.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
         t3 = time.perf_counter()
         for phase, dt in zip(t_phase, (t1 - t0, t2 - t1, t3 - t2)):

@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import random
-import sys
 import time
 from statistics import fmean
 
@@ -42,8 +41,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
-                    positive_float, positive_int, setup_device, setup_distributed, write_json)
+from common import (HelpFormatter, check_finite, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
+                    positive_float, positive_int, print0, setup_device, setup_distributed, write_json)
 from data import EOT, encode_chat, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
 from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
@@ -168,8 +167,6 @@ if __name__ == "__main__":
     # evaluates and saves; every rank trains on its share of each step's prompts
     rank, world, device_name = setup_distributed(args.device)
     master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
     device, autocast = setup_device(device_name, args.dtype)
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} does not divide among {world} ranks")
@@ -189,8 +186,8 @@ if __name__ == "__main__":
         train_records, val_records = split_held_out(records, max(2, round(1 / args.val_share)) if args.val_share
                                                     else len(records))
         n_skipped, agreement, data_seconds, args.k = len(pairs) - len(records), None, None, 2
-        print(f"data: {len(train_records)} train / {len(val_records)} held-out pairs of yours from {args.pairs} "
-              f"({n_skipped} skipped); they carry no rule labels: the rule model is not trained")
+        print0(f"data: {len(train_records)} train / {len(val_records)} held-out pairs of yours from {args.pairs} "
+               f"({n_skipped} skipped); they carry no rule labels: the rule model is not trained")
     else:
         policy = model_from_checkpoint(sft_ckpt, device)
         cache, data_seconds = os.path.join(args.out_dir, "comparisons.json"), None
@@ -206,13 +203,13 @@ if __name__ == "__main__":
             torch.distributed.barrier()  # the other ranks wait for rank 0's comparisons
         with open(cache) as f:
             records = json.load(f)
-        print(f"{len(records)} prompts of comparisons in {cache}" + ("" if data_seconds else " (from an earlier run)"))
+        print0(f"{len(records)} prompts of comparisons in {cache}" + ("" if data_seconds else " (from an earlier run)"))
         n_val = max(1, int(len(records) * args.val_share))
         train_records, val_records = records[n_val:], records[:n_val]
         agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
-        print(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
-              f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
-              f"utility on {agreement:.1%} of non-tied pairs")
+        print0(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
+               f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
+               f"utility on {agreement:.1%} of non-tied pairs")
 
     # -----------------------------------------------------------------------------
     # models: both trunks start as the SFT model
@@ -297,9 +294,12 @@ if __name__ == "__main__":
             rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
         (pref_loss + rule_loss).backward()  # two separate models: each gets only its own loss's gradient
         lr_share = cosine_lr(step, max(1, int(max_steps * args.warmup_share)), max_steps)
-        clip_and_step(reward_model, reward_opt, lr_share, args.grad_clip)
-        if rule_model is not None:
-            clip_and_step(rule_model, rule_opt, lr_share, args.grad_clip)
+        for m, opt in [(reward_model, reward_opt)] + ([(rule_model, rule_opt)] if rule_model else []):
+            check_finite(torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or float("inf")))
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_share
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if master and step % args.log_interval == 0:
             log_metrics(log_path, step=step, pref_loss=pref_loss.item(),
                         **({} if args.pairs else dict(rule_loss=rule_loss.item())), lr=args.lr * lr_share)
@@ -340,8 +340,8 @@ if __name__ == "__main__":
                            "gold accuracy and best-of-n": "the gold judge knows the world's tasks, not your "
                            "preference (chat.py --best_of N --reward_dir reranks with any reward model)"})
         write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        print(f"reward model: held-out pair accuracy {summary['val_acc']:.1%} on {len(val_records)} of your pairs "
-              f"(chance: 50%) | not available: " + "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
+        print0(f"reward model: held-out pair accuracy {summary['val_acc']:.1%} on {len(val_records)} of your pairs "
+               f"(chance: 50%) | not available: " + "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
         raise SystemExit(0)
     t0 = time.time()
     samples_path = os.path.join(os.path.dirname(args.sft), "samples_test.json")
@@ -363,9 +363,9 @@ if __name__ == "__main__":
         picked = [group[j] for group, j in zip(groups, picks)]
         rows.append(dict(n=n, proxy_reward=fmean(s[j] for s, j in zip(scores, picks)),
                          **{key: [s[key] for s in picked] for key in ("utility", "passed", "violated")}))
-        print(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
-              f"{fmean(rows[-1]['utility']):+.3f} | pass@1 {fmean(rows[-1]['passed']):.1%} | violations "
-              f"{fmean(rows[-1]['violated']):.1%}")
+        print0(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
+               f"{fmean(rows[-1]['utility']):+.3f} | pass@1 {fmean(rows[-1]['passed']):.1%} | violations "
+               f"{fmean(rows[-1]['violated']):.1%}")
     summary = dict(labeler_agreement=agreement, val_pairs_labeler=pair_outcomes(val_scores, val_records, "ranking"),
                    val_pairs_gold=pair_outcomes(val_scores, val_records, "utilities"),
                    val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
@@ -376,5 +376,5 @@ if __name__ == "__main__":
                    rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
                    train_seconds=train_seconds, best_of_n=rows, best_of_n_seconds=time.time() - t0)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    print(f"reward model: held-out pair accuracy {summary['val_acc_labeler']:.1%} vs labelers, "
-          f"{summary['val_acc_gold']:.1%} vs gold; labelers agree with gold on {agreement:.1%}")
+    print0(f"reward model: held-out pair accuracy {summary['val_acc_labeler']:.1%} vs labelers, "
+           f"{summary['val_acc_gold']:.1%} vs gold; labelers agree with gold on {agreement:.1%}")

@@ -31,7 +31,6 @@ as we like) without dropout, and keep the last checkpoint.
 import argparse
 import os
 import random
-import sys
 import time
 from statistics import fmean
 
@@ -39,8 +38,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
-                    nonneg_float, nonneg_int, parse_args, positive_float, positive_int, setup_device,
+from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, fraction, log_metrics,
+                    nonneg_float, nonneg_int, parse_args, print0, positive_float, positive_int, setup_device,
                     setup_distributed, synchronize, trim_log, write_json)
 from data import (ASSISTANT, EOT, chat_batch, encode_chat, encode_conversation, fit_block, load_tokenizer, read_demos,
                   split_held_out)
@@ -123,8 +122,6 @@ if __name__ == "__main__":
     # every rank draws the same batches and trains on its share of each
     rank, world, device_name = setup_distributed(args.device)
     master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
     device, autocast = setup_device(device_name, args.dtype)
     if args.batch_size % world:
         raise ValueError(f"--batch_size {args.batch_size} does not divide among {world} ranks")
@@ -140,9 +137,9 @@ if __name__ == "__main__":
         train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
                                                                 " + ".join(args.demos)))
         n_skipped = len(demos) - len(train_examples) - len(val_examples)
-        print(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
-              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
-              f"{n_skipped} skipped")
+        print0(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
+               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
+               f"{n_skipped} skipped")
     else:
         rng = random.Random(args.seed)
         train_tasks = prompt_set("sft_train", args.n_train, args.seed)
@@ -154,9 +151,9 @@ if __name__ == "__main__":
         facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
         train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
         demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
-        print(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
-              f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
-              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
+        print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
+               f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
+               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
     pad_id = enc.encode_single_token(EOT)
 
     # -----------------------------------------------------------------------------
@@ -167,8 +164,8 @@ if __name__ == "__main__":
     resume = load_checkpoint(ckpt_path, ["sft"], enc, device) if os.path.exists(ckpt_path) else None
     parent = load_checkpoint(args.init_from, ["pretrain"], enc, device)
     model = model_from_checkpoint(resume or parent, device)
-    print(f"model shape inherited from {args.init_from}: " +
-          " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
+    print0(f"model shape inherited from {args.init_from}: " +
+           " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
     too_long = sum(len(t) > model.config.block_size for t, _ in train_examples + val_examples)  # never cut silently
     if too_long:
         raise ValueError(f"{too_long} demonstrations exceed the model's block_size {model.config.block_size}: "
@@ -184,7 +181,7 @@ if __name__ == "__main__":
         batch_rng.setstate(resume["batch_rng"])
         batches = resume["batches"]
         trim_log(log_path, "step", start_step)
-        print(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {ckpt_path} at step {start_step}")
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
@@ -215,7 +212,7 @@ if __name__ == "__main__":
         if any_rank(stop.stop, world, device):
             if master:
                 save(step, finished=False)
-            print(f"saved {ckpt_path} at step {step}; run the same command to resume")
+            print0(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
         if master and (step % args.eval_interval == 0 or last_step):
             loss = val_loss()
@@ -239,7 +236,12 @@ if __name__ == "__main__":
         n_batch = sum(sum(train_examples[i][1][1:]) for i in batch)
         (loss * (int((y >= 0).sum()) * world / n_batch)).backward()
         lr_share = cosine_lr(step, args.warmup_steps, args.max_steps)
-        norm = clip_and_step(model, optimizer, lr_share, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        check_finite(norm)  # a diverged loss stops the run here, before the step spreads it into the weights
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_share
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         dt = time.perf_counter() - t0
         if master and step % args.log_interval == 0:
@@ -268,9 +270,9 @@ if __name__ == "__main__":
                        unavailable={"gold judge (pass@k, reranking, few-shot base)": "your demonstrations have no "
                                     "hidden tests", "factual accuracy": "they are not the toolset's questions"})
         write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        print(f"held-out demonstrations ({len(val_examples)}): loss {summary['val_loss']:.4f} | not available: " +
-              "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
-        print("example:\n" + "\n---\n".join(summary["examples"]))
+        print0(f"held-out demonstrations ({len(val_examples)}): loss {summary['val_loss']:.4f} | not available: " +
+               "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
+        print0("example:\n" + "\n---\n".join(summary["examples"]))
         raise SystemExit(0)
 
     # -----------------------------------------------------------------------------
@@ -287,8 +289,8 @@ if __name__ == "__main__":
         write_json(os.path.join(args.out_dir, "summary.json"), dict(
             facts=facts_result, n_facts=len(facts), tools=args.tools, train_seconds=train_seconds,
             eval_seconds=time.time() - t0))
-        print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
-              f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
+        print0(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
+               f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
         raise SystemExit(0)
     with autocast:
         test, samples = evaluate_policy(model, enc, test_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)
@@ -312,11 +314,11 @@ if __name__ == "__main__":
         samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     facts_result = results["facts"]
-    print(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
-          f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
-          f"{test['pass1_reranked_logp']:.1%} | "
-          f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations "
-          f"{test['sampled']['violation_rate']:.1%}")
-    print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
-          f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
-    print("example:\n" + test["greedy"]["examples"][0])
+    print0(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
+           f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
+           f"{test['pass1_reranked_logp']:.1%} | "
+           f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations "
+           f"{test['sampled']['violation_rate']:.1%}")
+    print0(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
+           f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
+    print0("example:\n" + test["greedy"]["examples"][0])

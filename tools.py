@@ -33,6 +33,7 @@ from statistics import fmean
 
 import torch
 
+from common import atomic_write, write_json
 from data import CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, stdlib_sources
 from model import induction_test
 from tasks import sample_responses
@@ -176,9 +177,8 @@ def load_index(path=None):
     index = build_index()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
+        with atomic_write(path) as f:
             json.dump(dict(built_by=built_by, entries=index.entries), f)
-        os.replace(f"{path}.tmp", path)
     return index
 
 # -----------------------------------------------------------------------------
@@ -458,9 +458,8 @@ if __name__ == "__main__":
     print(f"{len(index.entries):,} entries, {sum(e.heldout for e in index.entries):,} held out, "
           f"in {time.time() - t0:.1f}s")
     if args.out_dir:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(dict(entries=len(index.entries), heldout=sum(e.heldout for e in index.entries),
-                           seconds=time.time() - t0), f)
+        write_json(os.path.join(args.out_dir, "summary.json"), dict(
+            entries=len(index.entries), heldout=sum(e.heldout for e in index.entries), seconds=time.time() - t0))
     for held in (False, True):
         kinds = [f[0] for e in index.entries if e.heldout == held for f in facts_of(e)]
         print(f"{'heldout' if held else 'train'} facts: " + " | ".join(f"{k} {kinds.count(k):,}" for k in KINDS[:4]))
