@@ -118,19 +118,20 @@ def load_scorers(reward_dir, enc, device):
                            names=rules.get("rules", list(RULES)) if rules else [])
 
 
-class LazyTools:
-    """tools.ToolRunner for generate_stream, made at the first call: building the documentation index takes
-    a while the first time, and most answers call no tool."""
+class LazyTools(ToolRunner):
+    """tools.ToolRunner whose documentation index is loaded at the first call: building it takes a while the
+    first time, and most answers call no tool."""
 
     def __init__(self, enc, index_path):
-        self.enc, self.path, self.runner, self.call_end_id = enc, index_path, None, enc.encode_single_token(CALL_END)
+        super().__init__(enc, None)
+        self.path = index_path
 
     def __call__(self, response_tokens):
-        if self.runner is None:
+        if self.index is None:
             if not os.path.exists(self.path):
                 print(f"(a first tool call: building the documentation index into {self.path})", file=sys.stderr)
-            self.runner = ToolRunner(self.enc, load_index(self.path))
-        return self.runner(response_tokens)
+            self.index = load_index(self.path)
+        return super().__call__(response_tokens)
 
 # -----------------------------------------------------------------------------
 # the conversation, generation and the notes

@@ -391,11 +391,9 @@ class GPT(nn.Module):
         kernel too, and positions restart at 0 for each prompt. A sequence
         leaves the batch (and the cache) when it samples eos_id.
 
-        Tools (LaMDA's toolset): when a row samples tool_runner.call_end_id, tool_runner(the row's
-        response so far) returns the tokens of the tool's result, which are fed to that row one per
-        step as forced tokens while the other rows keep sampling. A forced token is not the policy's
-        action: its log-probability is reported as 0 and `forced` marks it, so that no later stage
-        trains on it."""
+        With a tool_runner (tools.ToolRunner: LaMDA's toolset), a row that closes a tool call gets the
+        tool's result as its next tokens instead of samples; such a forced token is not the policy's
+        action: its log-probability is reported as 0 and `forced` marks it, so that no stage trains on it."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         if P + max_new_tokens > self.config.block_size:
@@ -412,25 +410,14 @@ class GPT(nn.Module):
         logits = self(idx, positions=positions, key_start=key_start, kv_cache=cache)[0][:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
         rows = torch.arange(B, device=device)  # the prompt index of each sequence still generating
-        responses = [[] for _ in range(B)]  # what each row has written so far, for the tool runner
-        queued = {}  # prompt index -> tool-result tokens still to force into that row
+        force = tool_runner.forcing(B) if tool_runner is not None else None
         for t in range(max_new_tokens):
             logits = logits.float() / (temperature if temperature > 0 else 1.0)
             next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
             logprobs = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
             forced = torch.zeros_like(next_tok, dtype=torch.bool)
-            if queued:  # rows in the middle of a tool result take its next token instead
-                for j, row in enumerate(rows.tolist()):
-                    if row in queued:
-                        next_tok[j], forced[j] = queued[row].pop(0), True
-                        if not queued[row]:
-                            del queued[row]
-                logprobs = logprobs.masked_fill(forced, 0.0)
-            if tool_runner is not None:
-                for j, (row, tok) in enumerate(zip(rows.tolist(), next_tok.tolist())):
-                    responses[row].append(tok)
-                    if tok == tool_runner.call_end_id and not forced[j]:
-                        queued[row] = list(tool_runner(responses[row]))
+            if force is not None:  # rows in the middle of a tool's result take its next token instead
+                next_tok, logprobs, forced = force(rows, next_tok, logprobs)
             yield rows, next_tok, logprobs, forced
             ended = (next_tok == eos_id) & ~forced if eos_id is not None else torch.zeros_like(forced)
             if bool(ended.all()) or t == max_new_tokens - 1:

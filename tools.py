@@ -271,10 +271,10 @@ def run_tool(index, call_text):
 
 
 class ToolRunner:
-    """The glue for model.generate: when a row samples CALL_END, runner(the row's response tokens so
-    far) returns the tokens to force: RESULT, the result as ordinary tokens, RESULT_END. runner.calls
-    logs every (call text, result text); per row, the decoded response holds the same calls and
-    results in place, and parse_calls reads them back."""
+    """The tools in model.generate: when a row samples CALL_END, runner(the row's response tokens so
+    far) returns the tokens to force: RESULT, the result as ordinary tokens, RESULT_END; forcing() feeds
+    them in. runner.calls logs every (call text, result text); per row, the decoded response holds the
+    same calls and results in place, and parse_calls reads them back."""
 
     def __init__(self, enc, index):
         self.enc, self.index, self.calls = enc, index, []
@@ -292,6 +292,25 @@ class ToolRunner:
             result = run_tool(self.index, call)
         self.calls.append((call, result))
         return [self.result_id, *self.enc.encode_ordinary(result), self.result_end_id]
+
+    def forcing(self, n_rows):
+        """What model.generate_stream calls at each step of one generation of n_rows prompts: force(rows,
+        tokens, logprobs) gives each row in the middle of a tool's result that result's next token instead of
+        its sample, and runs the call of a row that just sampled CALL_END (its result comes next, one token a
+        step, while the other rows keep sampling). Returns (tokens, logprobs with 0 where forced, forced)."""
+        responses, queued = [[] for _ in range(n_rows)], {}  # per prompt: its tokens so far, result tokens to come
+
+        def force(rows, tokens, logprobs):
+            tokens, forced = tokens.tolist(), [False] * len(tokens)
+            for j, row in enumerate(rows.tolist()):
+                if queued.get(row):
+                    tokens[j], forced[j] = queued[row].pop(0), True
+                responses[row].append(tokens[j])
+                if tokens[j] == self.call_end_id and not forced[j]:
+                    queued[row] = self(responses[row])
+            forced = torch.tensor(forced, device=logprobs.device)
+            return torch.tensor(tokens, device=logprobs.device), logprobs.masked_fill(forced, 0.0), forced
+        return force
 
 # -----------------------------------------------------------------------------
 # the world of factual questions, with exact answers and held-out modules
