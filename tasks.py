@@ -20,7 +20,6 @@ from collections import namedtuple
 from dataclasses import dataclass
 from statistics import fmean
 
-import numpy as np
 import torch
 
 from data import END, EOT, encode_chat
@@ -412,19 +411,6 @@ def pass_at_k(n, c, k):
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def bootstrap_ci(values, groups=None, n_boot=2000, seed=0, level=0.95):
-    """A percentile bootstrap interval for the mean of values, resampling whole groups (the samples
-    of one prompt, or one validation window) with replacement: (low, high). For a difference between
-    two policies on the same prompts, pass the per-sample differences (a paired bootstrap)."""
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.arange(len(values)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    sums, counts = np.bincount(groups, weights=values), np.bincount(groups).astype(np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
 def few_shot_prompt(examples, task, solutions):
