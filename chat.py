@@ -37,12 +37,12 @@ import torch
 from common import HelpFormatter, setup_device, write_json
 from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
-from tasks import PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt, gold_eval_many, prompt_set
+from tasks import (FEW_SHOT_TOKENS, N_SHOTS, PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt,
+                   gold_eval_many, prompt_set)
 from tools import ToolRunner, load_index
 
 SETTINGS = dict(temperature=(float, 0.0, 2.0, 0.6), top_k=(int, 0, 10**6, 50),  # name: (type, low, high, default)
                 top_p=(float, 0.0, 1.0, 1.0), max_tokens=(int, 1, 4096, 96), seed=(int, 0, 2**31 - 1, 0))
-N_SHOTS, FEW_SHOT_NEW = 2, 80  # a pretrained model on a task: sft.py's --n_shots, tasks.evaluate_few_shot's tokens
 TASK_LIMIT = 500  # tasks of each prompt set that /task and --task can name
 HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compositions, what the report measures
 MAX_BODY, MAX_REQUEST, MAX_BEST_OF = 64 * 2**10, 4000, 64  # the limits: body bytes, request chars, best-of samples
@@ -181,7 +181,7 @@ def answer(ctx, m, request, history, task, s, generator, emit):
     """One model's answer: its text streamed through emit as it grows, then its notes; a chat model's history
     gains the turn, as the engine wrote it."""
     block, pretrained = m.gpt.config.block_size, m.stage == "pretrain"
-    max_new = min(s["max_tokens"], FEW_SHOT_NEW) if pretrained and task else s["max_tokens"]
+    max_new = min(s["max_tokens"], FEW_SHOT_TOKENS) if pretrained and task else s["max_tokens"]
     if pretrained:  # plain text, or the few-shot prompt of tasks.evaluate_few_shot
         text = few_shot_prompt(ctx.shots, task, [t.reference for t in ctx.shots]) if task else request
         prompt, dropped = (ctx.enc.encode_ordinary(text)[-(block - max_new):] if max_new < block else None), 0

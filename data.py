@@ -15,7 +15,6 @@ same algorithm in a few lines of Python, the reference the tests hold tiktoken t
 
     python data.py                                              # the embedded default
     python data.py --generic_corpus notes/ --domain_corpus src/  # your own files or folders
-    python data.py --export out/export   # the world's demonstrations, pairs and prompts as JSON Lines
 
 Your own demonstrations, preference pairs and prompts are read here too (read_demos, read_pairs,
 read_prompts), in the JSON Lines formats of Hugging Face TRL; see "your own data" below.
@@ -443,13 +442,21 @@ TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}
 
 def segments(text):
     """A response's decoded text back into encode_response's segments: its tool calls and results,
-    written out with their special tokens, become call and result segments again."""
+    written out with their special tokens, become call and result segments again. The one parser of
+    tool segments: tools.parse_calls reads a response's calls through it."""
     parts, out = TOOL_SEGMENT.split(text), []  # text, call or None, result or None, text, ...
     for i in range(0, len(parts), 3):
         out += [("text", parts[i])] if parts[i] else []
         if i + 1 < len(parts):
             out.append(("call", parts[i + 1]) if parts[i + 1] is not None else ("result", parts[i + 2]))
     return out
+
+
+def render_response(segments):
+    """Segments as the decoded text of generated tokens: calls and results between their tokens (the
+    inverse of segments)."""
+    wrap = {"text": "{}", "call": CALL + "{}" + CALL_END, "result": RESULT + "{}" + RESULT_END}
+    return "".join(wrap[kind].format(text) for kind, text in segments)
 
 
 # -----------------------------------------------------------------------------
@@ -462,12 +469,10 @@ def segments(text):
 # its response may also be two lists of messages, and an RL prompt one list that ends with the user's (TRL's
 # conversational form). Each record becomes the (request, response) turns encode_conversation takes, so the
 # loss is on every assistant turn. A response is read as the model writes it, a tool call and its result in
-# the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments); that is how --export
-# writes the world's factual demonstrations. TRL's tool_calls and tool messages are not read. One format per file,
-# as --export and examples/ write them: datasets.load_dataset("json") gives a file one schema, every key on every
-# record (None where absent), which TRL cannot train on; sft.py --demos takes several files.
-
-SFT_FACT_SEED = 50  # sft.py's FACT_SEED, for the export (tests/test_user_data.py checks that they agree)
+# the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments), as examples/export.py
+# writes the world's factual demonstrations; TRL's tool_calls and tool messages are not read. One format per
+# file: datasets.load_dataset("json") gives a file one schema, every key on every record (None where absent),
+# which TRL cannot train on; sft.py --demos takes several files.
 
 
 class DataError(ValueError):
@@ -574,56 +579,6 @@ def split_held_out(items, every=VAL_EVERY):
     return [x for i, x in enumerate(items) if i % every], items[::every]
 
 
-def export_world(run_dir, out):
-    """The built-in world's data as the run in run_dir read it, in the formats above: demos.jsonl (sft.py's
-    demonstrations, rebuilt with the flags in sft/ckpt.pt), pairs.jsonl (reward.py's cached comparisons, a
-    labeler's ranking of K as its K-choose-2 pairs) and prompts.jsonl (ppo.py's prompts, flags in ppo/ckpt.pt)."""
-    from tasks import demonstrate, prompt_set  # here, not at the top: tasks.py and tools.py import this file
-    from tools import demonstrate_fact, load_index, make_questions, render_response
-    os.makedirs(out, exist_ok=True)
-
-    def flags(stage, own):  # the flags the stage ran with, from its checkpoint (mmap: no weights are read)
-        path = os.path.join(run_dir, stage, "ckpt.pt")
-        if not os.path.exists(path):
-            return print(f"{path} not found: run {stage}.py (or run.py) first to export what it reads")
-        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-        if cfg.get(own):  # the stage read a file of yours, not the world's data
-            return print(f"{path} was trained on your own {cfg[own]}: that file is its data")
-        return cfg
-
-    def write(name, records):
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        print(f"wrote {len(records):,} records to {os.path.join(out, name)}")
-
-    if sft := flags("sft", "demos"):  # sft.py's data section, line for line
-        rng = random.Random(sft["seed"])
-        demos = [dict(prompt=t.prompt, completion=demonstrate(t, rng, sft["flaw_rate"])[0])
-                 for t in prompt_set("sft_train", sft["n_train"], sft["seed"])]
-        if sft["n_facts"]:  # a tool call and its result written in the completion, as the model writes them
-            docs = load_index(sft["docs_index"])
-            demos += [dict(prompt=q.prompt, completion=render_response(demonstrate_fact(docs, q, sft["tools"])))
-                      for q in make_questions(docs, "train", sft["n_facts"], sft["seed"] + SFT_FACT_SEED)]
-        write("demos.jsonl", demos)
-    cache = os.path.join(run_dir, "reward", "comparisons.json")
-    if os.path.exists(cache):  # its texts are the responses as decoded, tool calls and results written out
-        enc = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
-        with open(cache) as f:
-            comparisons = json.load(f)
-        pairs = []
-        for c in comparisons:
-            seq = c["sequences"][0]  # <|endoftext|> <|user|> prompt <|assistant|> response
-            prompt = enc.decode(seq[2:seq.index(enc.encode_single_token(ASSISTANT))])
-            pairs += [dict(prompt=prompt, chosen=c["texts"][w], rejected=c["texts"][l])
-                      for w, l in itertools.combinations(c["ranking"], 2)]  # earlier in the ranking: preferred
-        write("pairs.jsonl", pairs)
-    else:
-        print(f"{cache} not found: reward.py writes it (the SFT model's samples and the labelers' rankings)")
-    if ppo := flags("ppo", "prompts"):
-        n = ppo["iterations"] * ppo["rollout_batch"] // ppo["group_size"]
-        write("prompts.jsonl", [dict(prompt=t.prompt) for t in prompt_set("ppo_train", n, ppo["seed"])])
-
-
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -640,12 +595,7 @@ if __name__ == "__main__":
                         "many characters, half from each corpus's training split (BPE in Python takes time)")
     parser.add_argument("--block_size", type=int, default=256, help="the longest context you will pretrain with: "
                         "every split must hold at least one window of block_size + 1 tokens")
-    parser.add_argument("--export", default=None, help="instead: write the world's data as the run in --out_dir "
-                        "consumed it (demos.jsonl, pairs.jsonl, prompts.jsonl) into this folder")
     args = parser.parse_args()
-    if args.export:  # the other way round: what the stages read, written out in the formats of your own data
-        export_world(args.out_dir, args.export)
-        raise SystemExit(0)
     os.makedirs(args.out_dir, exist_ok=True)
 
     t0 = time.time()

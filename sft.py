@@ -44,8 +44,9 @@ from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, 
 from data import (ASSISTANT, EOT, chat_batch, encode_chat, encode_conversation, fit_block, load_tokenizer, read_demos,
                   split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set, sample_responses
-from tools import demonstrate_fact, evaluate_facts, load_index, make_questions
+from tasks import (N_SHOTS, demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set,
+                   sample_responses)
+from tools import demonstrate_fact, evaluate_facts, load_index, question_set
 
 PRESETS = {
     "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
@@ -56,7 +57,6 @@ PRESETS = {
                 n_samples=64, n_fact_eval=446),
 }
 N_VAL = 256  # held-out demonstrations for the validation loss
-FACT_SEED, FACT_EVAL_SEED = 50, 51  # seed offsets: fact questions for training, held-out ones for the judge
 FACT_MAX_NEW_TOKENS = 200  # a tool result alone can take 100 tokens
 LENGTH_WINDOW = 50  # batches per window sorted by length (length_grouped_batches)
 
@@ -105,7 +105,8 @@ if __name__ == "__main__":
     parser.add_argument("--save_interval", type=positive_int, default=250, help="steps between checkpoints")
     parser.add_argument("--n_eval", type=positive_int, help="held-out prompts per evaluation")
     parser.add_argument("--n_samples", type=positive_int, help="samples per prompt for pass@k and reranking")
-    parser.add_argument("--n_shots", type=positive_int, default=2, help="worked examples in the base model's prompt")
+    parser.add_argument("--n_shots", type=positive_int, default=N_SHOTS, help="worked examples in the base model's "
+                        "prompt")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest answer in the evaluation")
     parser.add_argument("--n_fact_eval", type=positive_int, help="held-out factual questions in the evaluation")
     parser.add_argument("--eval", default="all", choices=("all", "facts"), help="the whole evaluation, or the factual "
@@ -148,7 +149,7 @@ if __name__ == "__main__":
         val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
         train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
         docs = load_index(args.docs_index)
-        facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
+        facts = question_set(docs, "sft_train", args.n_facts, args.seed) if args.n_facts else []
         train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
         demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
         print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
@@ -280,7 +281,7 @@ if __name__ == "__main__":
     t0 = time.time()
     test_tasks = prompt_set("test", args.n_eval, args.seed)
     unseen = prompt_set("unseen_train", args.n_eval, args.seed)
-    fact_questions = make_questions(docs, "heldout", args.n_fact_eval, args.seed + FACT_EVAL_SEED)
+    fact_questions = question_set(docs, "sft_eval", args.n_fact_eval, args.seed)
     fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
                                                                            for q in fact_questions))
     if args.eval == "facts":  # the closed-book baseline: only the questions it is a baseline for

@@ -413,6 +413,10 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+N_SHOTS = 2  # worked examples in a base model's few-shot prompt (sft.py's default; chat.py's)
+FEW_SHOT_TOKENS = 80  # the longest answer a base model writes to it
+
+
 def few_shot_prompt(examples, task, solutions):
     """For a base code model: per example its request as a '# ' comment line, its solution, a blank line;
     then the new request as a comment line and a newline, so the model goes on with 'def ...'."""
@@ -506,7 +510,7 @@ def rerank_by_logprob(samples, n_samples):
 
 
 @torch.no_grad()
-def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=80, batch_size=64):
+def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=FEW_SHOT_TOKENS, batch_size=64):
     """A base model, prompted with worked examples instead of fine-tuned: greedy pass@1."""
     texts = [few_shot_prompt(shots, t, [s.reference for s in shots]) for t in tasks]
     prompts = [enc.encode_ordinary(text)[-(model.config.block_size - max_new_tokens):] for text in texts]

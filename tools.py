@@ -34,7 +34,8 @@ from statistics import fmean
 import torch
 
 from common import atomic_write, write_json
-from data import CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, stdlib_sources
+from data import (CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, render_response, segments,
+                  stdlib_sources)
 from model import induction_test
 from tasks import sample_responses
 
@@ -388,6 +389,21 @@ def make_questions(index, split, n, seed, kinds=KINDS):
         questions.append(Question(prompt, answer, kind, e.name, subject, evidence, f"lookup: {e.name}"))
     return questions
 
+
+# The question sets, by name: (split, offset added to the run's seed), as tasks.PROMPT_SETS for the
+# programming requests: every program draws its questions through question_set(), so that sft.py and the
+# export of its data (examples/export.py) ask the same questions by construction.
+QUESTION_SETS = {
+    'sft_train': ('train', 50),    # the factual demonstrations SFT mixes in
+    'sft_eval': ('heldout', 51),   # questions about held-out modules: what the report measures
+}
+
+
+def question_set(index, name, n, seed):
+    """The first n questions of a named question set (deterministic in name, n and seed)."""
+    split, offset = QUESTION_SETS[name]
+    return make_questions(index, split, n, seed + offset)
+
 # -----------------------------------------------------------------------------
 # demonstrations (Sparrow: the answer, then its evidence quoted) and the gold judge
 
@@ -406,21 +422,17 @@ def demonstrate_fact(index, question, use_tools):
     return [("call", question.query), ("result", run_tool(index, question.query))] + answer if use_tools else answer
 
 
-def render_response(segments):
-    """Segments as the decoded text of generated tokens: calls and results between their tokens."""
-    wrap = {"text": "{}", "call": CALL + "{}" + CALL_END, "result": RESULT + "{}" + RESULT_END}
-    return "".join(wrap[kind].format(text) for kind, text in segments)
-
-
-CALL_RE = re.compile(f"{re.escape(CALL)}(.*?){re.escape(CALL_END)}"
-                     f"(?:{re.escape(RESULT)}(.*?){re.escape(RESULT_END)})?", re.S)  # a call, and its result if any
-
-
 def parse_calls(text):
-    """(the (call, result) pairs, the answer after the last of them) of a decoded response."""
-    matches = list(CALL_RE.finditer(text))
-    answer = text[matches[-1].end():] if matches else text
-    return [(m[1], m[2]) for m in matches], answer.split(END)[0].strip()
+    """(the (call, result) pairs, the answer after the last of them) of a decoded response, read through
+    data.segments: each call with the result right after it, or None where none came."""
+    parts = segments(text)
+    calls, rest = [], 0
+    for i, (kind, call) in enumerate(parts):
+        if kind == "call":
+            result = parts[i + 1][1] if i + 1 < len(parts) and parts[i + 1][0] == "result" else None
+            calls.append((call, result))
+            rest = i + 1 + (result is not None)
+    return calls, render_response(parts[rest:]).split(END)[0].strip()
 
 
 def judge_fact(index, question, response):
