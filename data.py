@@ -25,10 +25,8 @@ import base64
 import hashlib
 import heapq
 import io
-import itertools
 import json
 import os
-import random
 import sysconfig
 import time
 import tokenize
@@ -161,6 +159,17 @@ def read_corpus(path):
     return corpus
 
 
+def first_chars(docs, n):
+    """The first n characters of a corpus: whole documents, then the start of the next one."""
+    kept = []
+    for doc in docs:
+        if n <= 0:
+            break
+        kept.append(doc[:n])
+        n -= len(kept[-1])
+    return kept
+
+
 # -----------------------------------------------------------------------------
 # the tokenizer: byte-level BPE
 
@@ -181,8 +190,8 @@ def merge(ids, pair, new_id):
 def train_bpe(docs, vocab_size):
     """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
 
-    minbpe's loop (count pairs, pick the most frequent, merge it everywhere, repeat), made fast in
-    three ways: counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is
+    minbpe's loop (count pairs, pick the most frequent, merge it everywhere, repeat: train_bpe_simple,
+    below, is that loop as it reads), made fast in three ways: counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is
     one word of weight 10,000); after a merge only the words that held the pair are touched, found
     through an index from pair to words, and only their pairs' counts change; and a heap gives the
     most frequent pair. Ties break toward the smallest pair of ids, so training is deterministic."""
@@ -241,6 +250,27 @@ def train_bpe(docs, vocab_size):
             if counts.get(p, 0) > 0:
                 heapq.heappush(heap, (-counts[p], p))
     progress.close()
+    return vocab[256:]
+
+
+def train_bpe_simple(docs, vocab_size):
+    """train_bpe's merges, by minbpe's loop as it reads (Karpathy's minbpe, RegexTokenizer.train): count
+    every adjacent pair within the chunks of the pre-split, merge the most frequent one everywhere, repeat.
+    Each merge recounts the whole corpus, so it takes minutes where train_bpe takes seconds; the tests hold
+    the two to the same merges."""
+    chunks = [list(chunk.encode("utf-8")) for doc in docs for chunk in regex.findall(SPLIT_PATTERN, doc)]
+    vocab = [bytes([i]) for i in range(256)]  # token id -> its bytes
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+        counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
+        # a pair whose bytes are already a token, reached by other pairs ((ab, c) vs (a, bc)), would give those
+        # bytes a second id, which tiktoken's table of bytes -> id cannot hold
+        known = set(vocab)
+        counts = {p: n for p, n in counts.items() if vocab[p[0]] + vocab[p[1]] not in known}
+        pair = min(counts, key=lambda p: (-counts[p], p), default=None)  # the most frequent; a tie: the smallest ids
+        if pair is None or counts[pair] < 2:  # a pair that occurs once is not worth a token
+            break
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        chunks = [merge(ids, pair, len(vocab) - 1) for ids in chunks]
     return vocab[256:]
 
 
@@ -605,28 +635,18 @@ if __name__ == "__main__":
         corpora["generic"] = read_corpus(args.generic_corpus)
     if args.domain_corpus:
         corpora["domain"] = read_corpus(args.domain_corpus)
-    if args.max_chars:  # a smaller corpus for quick runs: whole documents up to the budget, then a cut one
+    if args.max_chars:  # a smaller corpus for quick runs
         for corpus in corpora.values():
             for split, docs in corpus.items():
-                kept, left = [], args.max_chars if split == "train" else args.max_chars // VAL_EVERY
-                for doc in docs:
-                    if left <= 0:
-                        break
-                    kept.append(doc[:left])
-                    left -= len(kept[-1])
-                corpus[split] = kept
+                corpus[split] = first_chars(docs, args.max_chars if split == "train" else args.max_chars // VAL_EVERY)
     summary = dict(corpora={}, corpus_seconds=round(time.time() - t0, 1))
 
     tokenizer_path = os.path.join(args.out_dir, "tokenizer.json")
     if not os.path.exists(tokenizer_path):  # the tokenizer sees both training splits, never validation
         t0 = time.time()
-        docs = []
-        for corpus in (corpora["generic"]["train"], corpora["domain"]["train"]):  # half the budget each
-            budget = args.tokenizer_chars // 2
-            for doc in corpus:
-                docs.append(doc[:budget])
-                budget -= len(docs[-1])
-        merged = train_bpe([d for d in docs if d], args.vocab_size)
+        docs = [doc for name in ("generic", "domain")  # half the budget each
+                for doc in first_chars(corpora[name]["train"], args.tokenizer_chars // 2) if doc]
+        merged = train_bpe(docs, args.vocab_size)
         save_tokenizer(tokenizer_path, merged)
         summary["tokenizer_seconds"] = round(time.time() - t0, 1)
         print(f"trained the tokenizer: {256 + len(merged)} byte tokens and merges in {summary['tokenizer_seconds']}s")
