@@ -132,7 +132,7 @@ def claims(out, r):
     rows.append(("a reward model learns human comparisons (InstructGPT)",
                  "held-out pairwise accuracy vs the gold order "
                  f"{interval([c for _, c in gold_pairs], [p for p, _ in gold_pairs])}"
-                 f", vs the labelers {pct(rw['val_acc_labeler'])}; labelers agree with the gold on "
+                 f", vs the labelers {pct(rw['val_acc'])}; labelers agree with the gold on "
                  f"{pct(rw['labeler_agreement'])}", verdict(low, high)))
     ppo, ptx = r["ppo_runs"]["ppo"], r["ppo_runs"]["ppo_ptx"]
     groups = per_prompt(len(ppo["labeler_wins"]), ppo["eval_samples"])
@@ -322,7 +322,7 @@ def report_reward(out, r):
              f"(InstructGPT); the shift was {s['normalization']:+.3f}.", "",
              "| measure | value |", "|---|---|",
              f"| labelers' agreement with the gold utility (non-tied pairs) | {pct(s['labeler_agreement'])} |"]
-    for key, what in (("val_pairs_labeler", "the labelers"), ("val_pairs_gold", "the gold order")):
+    for key, what in (("val_pairs", "the labelers"), ("val_pairs_gold", "the gold order")):
         pairs = s[key]
         lines.append(f"| reward model, held-out pairwise accuracy vs {what} | "
                      f"{interval([c for _, c in pairs], [p for p, _ in pairs])} |")

@@ -180,7 +180,7 @@ def test_sft_reward_and_ppo_run_on_the_example(tmp_path, enc, tokenizer_path):
     reward_summary, _ = stage("reward.py", "--pairs", os.path.join(EXAMPLES, "pairs.jsonl"), "--sft",
                               str(tmp_path / "sft" / "ckpt.pt"), "--val_share", "0.25", "--epochs", "10",
                               "--evals_per_epoch", "1", "--lr", "3e-3")
-    assert reward_summary["n_val_pairs"] == 10 and reward_summary["val_acc"] >= 0.7, reward_summary  # chance: 0.5
+    assert reward_summary["n_val_prompts"] == 10 and reward_summary["val_acc"] >= 0.7, reward_summary  # chance: 0.5
     assert (tmp_path / "reward" / "reward.pt").exists() and not (tmp_path / "reward" / "rules.pt").exists()
     ppo_summary, out = stage("ppo.py", "--prompts", os.path.join(EXAMPLES, "prompts.jsonl"), "--sft",
                              str(tmp_path / "sft" / "ckpt.pt"), "--reward_dir", str(tmp_path / "reward"),
