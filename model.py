@@ -6,12 +6,14 @@ written out by hand so that a student can read all of it.
   output head, with what buys capability per FLOP at this size (each a config field, each measured
   by bench/ablations.py into docs/ABLATIONS.md): rotary positions, QK-norm, a key offset that lets
   one layer copy, ReLU^2, an untied head, zero-initialized residual projections, and the Muon
-  optimizer for the matrices; with every field off it is GPT-2 (learned positions, GELU, tied head);
+  optimizer for the matrices (muon.py); with every field off it is GPT-2 (learned positions, GELU,
+  tied head);
 - attention behind one function, `attention()`, with three named paths: `math` (the readable
   reference that materializes the (T, T) score matrix), `sdpa` (PyTorch's
   `F.scaled_dot_product_attention`) and `flash` (our fused Triton kernel, flash_attention.py);
 - batched generation with a KV cache, temperature, top-k and top-p, stopping at an end token,
-  returning each sampled token's log-probability (PPO and reranking need them);
+  returning each sampled token's log-probability (PPO and reranking need them); the tools a chat
+  model calls mid-answer are tools.py's, which the engine only hands the rows that called them;
 - an optional scalar head on the trunk (`n_scores` outputs per position) for the reward, value
   and rule models, saved in the same checkpoint format as a language model;
 - atomic checkpoints that say which stage and which tokenizer made them.
@@ -26,6 +28,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from common import atomic_write, print0
+from muon import Muon
 
 ATTENTION_PATHS = ("auto", "math", "sdpa", "flash")
 QK_GAIN = 2.0  # with QK-norm, the attention logits are scaled by this beyond 1/sqrt(head size)
@@ -473,61 +476,6 @@ def induction_test(model, pool, n=32, length=50, seeds=INDUCTION_SEEDS):
     model.train(training)
     return shares
 
-# -----------------------------------------------------------------------------
-# the optimizer
-
-
-def orthogonalize(G, steps=5):
-    """U V^T of G = U S V^T, approximately: the update with every singular value set to 1, by a
-    quintic Newton-Schulz iteration whose coefficients push singular values toward 1 in five steps of
-    matmuls instead of an SVD (Jordan et al. 2024; it lands them in about [0.7, 1.2], which is enough).
-    G: (..., rows, cols), a batch of matrices."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1
-    tall = X.size(-2) > X.size(-1)
-    X = X.mT if tall else X  # iterate on the smaller Gram matrix
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for the groups marked muon=True: SGD with Nesterov momentum whose
-    update of each matrix is orthogonalized, so that every direction of the matrix moves at the
-    same rate instead of the few that dominate the gradient; scaled by sqrt(max(1, rows / cols)).
-    The other groups (embeddings, heads, gains) take AdamW, written out here so that one optimizer
-    holds both and saves and resumes as one."""
-
-    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, muon=False, split=1))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state, g = self.state[p], p.grad
-                p.mul_(1 - lr * decay)  # decoupled weight decay (Loshchilov & Hutter 2019)
-                if group["muon"]:
-                    buf = state.setdefault("momentum", torch.zeros_like(g))
-                    buf.lerp_(g, 1 - group["momentum"])
-                    g = g.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum, blended
-                    g = orthogonalize(g.view(group["split"], -1, g.size(-1))).view_as(g)
-                    p.add_(g, alpha=-lr * max(1, g.size(-2) / group["split"] / g.size(-1)) ** 0.5)
-                    continue
-                if not state:
-                    state.update(step=0, m=torch.zeros_like(g), v=torch.zeros_like(g))
-                state["step"] += 1
-                (b1, b2), t = group["betas"], state["step"]
-                state["m"].lerp_(g, 1 - b1)
-                state["v"].lerp_(g.square(), 1 - b2)
-                denominator = (state["v"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["m"], denominator, value=-lr / (1 - b1 ** t))
-
-
 def last_token_scores(model, sequences, pad_id):
     """A scored model's head at each sequence's last token, (N, n_scores): where a reward model reads
     its verdict on a whole response (InstructGPT: the final token's output). Sequences are token
@@ -559,12 +507,6 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-
-
-def token_logprobs(logits, targets, temperature=1.0):
-    """log p(target) per position under softmax(logits / temperature), in fp32: (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
