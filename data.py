@@ -9,9 +9,10 @@ Both are split into train and validation by file, the same split for both, so no
 file's docstrings leak into the generic training set.
 
 The tokenizer is byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) with GPT-4's
-regex pre-split, trained by `train_bpe` below and saved to one JSON file; `load_tokenizer` turns
-that file into a `tiktoken.Encoding`, so encoding runs at tiktoken's speed. `bpe_encode` is the
-same algorithm in a few lines of Python, the reference the tests hold tiktoken to.
+regex pre-split: `train_bpe_simple` is minbpe's training loop as it reads, `train_bpe` the same
+merges fast; they save to one JSON file, which `load_tokenizer` turns into a `tiktoken.Encoding`, so
+encoding runs at tiktoken's speed. `bpe_encode` is the same algorithm in a few lines of Python, the
+reference the tests hold tiktoken to.
 
     python data.py                                              # the embedded default
     python data.py --generic_corpus notes/ --domain_corpus src/  # your own files or folders
@@ -187,14 +188,35 @@ def merge(ids, pair, new_id):
     return out
 
 
+def train_bpe_simple(docs, vocab_size):
+    """BPE's merges by minbpe's loop as it reads (Karpathy's minbpe, RegexTokenizer.train): count
+    every adjacent pair within the chunks of the pre-split, merge the most frequent one everywhere, repeat.
+    Each merge recounts the whole corpus, so it takes minutes where train_bpe, below, takes seconds; the
+    tests hold the two to the same merges. Returns the new tokens' bytes, in merge order."""
+    chunks = [list(chunk.encode("utf-8")) for doc in docs for chunk in regex.findall(SPLIT_PATTERN, doc)]
+    vocab = [bytes([i]) for i in range(256)]  # token id -> its bytes
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+        counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
+        # a pair whose bytes are already a token, reached by other pairs ((ab, c) vs (a, bc)), would give those
+        # bytes a second id, which tiktoken's table of bytes -> id cannot hold
+        known = set(vocab)
+        counts = {p: n for p, n in counts.items() if vocab[p[0]] + vocab[p[1]] not in known}
+        pair = min(counts, key=lambda p: (-counts[p], p), default=None)  # the most frequent; a tie: the smallest ids
+        if pair is None or counts[pair] < 2:  # a pair that occurs once is not worth a token
+            break
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        chunks = [merge(ids, pair, len(vocab) - 1) for ids in chunks]
+    return vocab[256:]
+
+
 def train_bpe(docs, vocab_size):
     """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
 
-    minbpe's loop (count pairs, pick the most frequent, merge it everywhere, repeat: train_bpe_simple,
-    below, is that loop as it reads), made fast in three ways: counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is
-    one word of weight 10,000); after a merge only the words that held the pair are touched, found
-    through an index from pair to words, and only their pairs' counts change; and a heap gives the
-    most frequent pair. Ties break toward the smallest pair of ids, so training is deterministic."""
+    train_bpe_simple's loop, made fast in three ways: counting is over unique chunks of the pre-split
+    (a chunk that occurs 10,000 times is one word of weight 10,000); after a merge only the words that
+    held the pair are touched, found through an index from pair to words, and only their pairs' counts
+    change; and a heap gives the most frequent pair. Ties break toward the smallest pair of ids, so
+    training is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
@@ -250,27 +272,6 @@ def train_bpe(docs, vocab_size):
             if counts.get(p, 0) > 0:
                 heapq.heappush(heap, (-counts[p], p))
     progress.close()
-    return vocab[256:]
-
-
-def train_bpe_simple(docs, vocab_size):
-    """train_bpe's merges, by minbpe's loop as it reads (Karpathy's minbpe, RegexTokenizer.train): count
-    every adjacent pair within the chunks of the pre-split, merge the most frequent one everywhere, repeat.
-    Each merge recounts the whole corpus, so it takes minutes where train_bpe takes seconds; the tests hold
-    the two to the same merges."""
-    chunks = [list(chunk.encode("utf-8")) for doc in docs for chunk in regex.findall(SPLIT_PATTERN, doc)]
-    vocab = [bytes([i]) for i in range(256)]  # token id -> its bytes
-    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
-        counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
-        # a pair whose bytes are already a token, reached by other pairs ((ab, c) vs (a, bc)), would give those
-        # bytes a second id, which tiktoken's table of bytes -> id cannot hold
-        known = set(vocab)
-        counts = {p: n for p, n in counts.items() if vocab[p[0]] + vocab[p[1]] not in known}
-        pair = min(counts, key=lambda p: (-counts[p], p), default=None)  # the most frequent; a tie: the smallest ids
-        if pair is None or counts[pair] < 2:  # a pair that occurs once is not worth a token
-            break
-        vocab.append(vocab[pair[0]] + vocab[pair[1]])
-        chunks = [merge(ids, pair, len(vocab) - 1) for ids in chunks]
     return vocab[256:]
 
 
