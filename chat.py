@@ -238,12 +238,17 @@ def best_of(ctx, m, request, history, task, s, generator, emit):
     return r
 
 
+def sample_streams(ctx, seed):
+    """One stream of samples per model (and one for best-of-n), from the seed."""
+    return {name: torch.Generator(ctx.device).manual_seed(seed + i)
+            for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+
+
 def answer_all(ctx, request, histories, s, emit, task=None, models=None, generators=None):
     """Every model's answer to one request (each chat model's history, a list in histories, gains the turn), then
     the best-of-n column when its model was asked. Without generators (the server), each answer samples from the
     seed alone: the same settings give the same answers."""
-    gens = generators or {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
-                          for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+    gens = generators or sample_streams(ctx, s["seed"])
     first = next((m for m in ctx.models if m.stage != "pretrain"), None)  # the model best-of samples
     past = list(histories.get(first.name, [])) if first else []  # its history before this turn
     results = [answer(ctx, m, request, histories.setdefault(m.name, []), task, s, gens[m.name], emit)
@@ -323,9 +328,7 @@ def run_terminal(ctx, s, lines, stats, label, record=None):
                 continue
         if not line:
             continue
-        if gens is None:  # one stream of samples per model, from the seed
-            gens = {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
-                    for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+        gens = gens or sample_streams(ctx, s["seed"])
         request = task.prompt if task else line
         if label or task:
             print(f"=== {line}: {request}" if task else f"=== {request}", file=sys.stdout if label else sys.stderr)

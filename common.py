@@ -39,13 +39,13 @@ def parse_args(parser, presets, argv=None):
     return args
 
 
-def _bounded(kind, low, inclusive, what):
+def _bounded(kind, low, inclusive, what, below=math.inf):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        if not math.isfinite(value) or value < low or (value == low and not inclusive) or value >= below:
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
         return value
     return parse
@@ -57,13 +57,7 @@ positive_int = _bounded(int, 1, True, "an integer >= 1")
 nonneg_int = _bounded(int, 0, True, "an integer >= 0")
 positive_float = _bounded(float, 0.0, False, "a number > 0")
 nonneg_float = _bounded(float, 0.0, True, "a number >= 0")
-
-
-def fraction(text):
-    value = nonneg_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: must be in [0, 1)")
-    return value
+fraction = _bounded(float, 0.0, True, "in [0, 1)", below=1.0)
 
 # -----------------------------------------------------------------------------
 # device

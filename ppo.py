@@ -56,7 +56,7 @@ from common import (HelpFormatter, StopFlag, check_finite, log_metrics, nonneg_f
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import compare, gold_eval_many, judge_responses, prompt_set, sample_responses
+from tasks import gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
@@ -306,20 +306,7 @@ def adaptive_beta(beta, kl, target, n_samples, horizon):
 
 
 # -----------------------------------------------------------------------------
-# judging the policy after training, against the SFT model: win rates, the KL, the generic-text loss
-
-def win_rates(ours, theirs, n_ours, n_theirs, rng):
-    """Each of our samples against the baseline's sample of the same index for the same prompt
-    (prompt-major lists of gold utilities): per comparison, the simulated labeler's verdict and
-    the noiseless one (tasks.compare). Returns (labeler wins, noiseless wins), lists of floats."""
-    labeler, noiseless = [], []
-    for i in range(len(ours) // n_ours):
-        for j in range(n_ours):
-            verdict = compare(ours[i * n_ours + j], theirs[i * n_theirs + j % n_theirs], rng)
-            labeler.append(verdict[0])
-            noiseless.append(verdict[1])
-    return labeler, noiseless
-
+# judging the policy after training, against the SFT model: the KL, the generic-text loss (and tasks.win_rates)
 
 @torch.no_grad()
 def kl_per_response(policy, reference, prompts, samples, pad_id, temperature, autocast):

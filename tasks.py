@@ -365,6 +365,19 @@ def compare(utility_a, utility_b, rng, noise=LABELER_NOISE):
     return labeler, 1.0 if utility_a > utility_b else 0.0 if utility_a < utility_b else 0.5
 
 
+def win_rates(ours, theirs, n_ours, n_theirs, rng):
+    """Each of our samples against the baseline's sample of the same index for the same prompt
+    (prompt-major lists of gold utilities): per comparison, the simulated labeler's verdict and
+    the noiseless one (compare, above). Returns (labeler wins, noiseless wins), lists of floats."""
+    labeler, noiseless = [], []
+    for i in range(len(ours) // n_ours):
+        for j in range(n_ours):
+            verdict = compare(ours[i * n_ours + j], theirs[i * n_theirs + j % n_theirs], rng)
+            labeler.append(verdict[0])
+            noiseless.append(verdict[1])
+    return labeler, noiseless
+
+
 def labeler_agreement(utility_lists, rng, noise=LABELER_NOISE):
     """The fraction of non-tied pairs, within each list, that a labeler orders as the utility does."""
     agree = total = 0
