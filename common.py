@@ -201,7 +201,7 @@ class StopFlag:
 def atomic_write(path, mode="w", encoding=None):
     """Open a file that is written whole or not at all: into path.tmp, flushed to the disk, then renamed
     over path, so that a run killed mid-write (or a full disk) leaves the old file, or none, never half
-    of one. Every file this project writes for another program to read goes through here."""
+    of one. Every file written whole goes through here (the logs grow a line at a time)."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, mode, encoding=encoding) as f:
