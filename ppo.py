@@ -443,9 +443,9 @@ if __name__ == "__main__":
         n_skipped, n = len(encoded) - len(train_prompts) - len(eval_prompts), len(train_prompts)
         prompt_pool = [train_prompts[i] for e in range(-(-n_pool // n))  # enough passes for every iteration
                        for i in random.Random(args.seed + e).sample(range(n), n)][:n_pool]
-        task_pool, eval_tasks, eval_prompts = None, None, eval_prompts[:args.n_eval]
         print(f"data: {len(train_prompts)} of your prompts from {args.prompts} ({n_pool / len(train_prompts):.1f} "
               f"passes), {len(eval_prompts)} held out, {n_skipped} skipped; no hidden tests: the reward model alone")
+        task_pool, eval_tasks, eval_prompts = None, None, eval_prompts[:args.n_eval]
     else:
         task_pool, eval_tasks = prompt_set("ppo_train", n_pool, args.seed), prompt_set(args.eval_set, args.n_eval,
                                                                                        args.seed)
