@@ -51,8 +51,8 @@ class GPTConfig:
     key_offset: bool = True  # the unrotated half of each key is the previous position's: 1-layer induction (modded-nanogpt)
     qk_norm: bool = True  # RMS-normalize each head's q and k (Dehghani et al. 2023; nanochat)
     relu2: bool = True  # ReLU(x)^2 in the MLP instead of GELU (So et al. 2021, Primer)
-    untied_head: bool = True  # the output head is its own matrix, not the embedding's transpose (nanochat)
-    zero_init: bool = True  # residual projections and the head start at zero: each block starts as identity (nanochat)
+    untied_head: bool = False  # the head its own matrix (nanochat): measured, it keeps induction from forming here
+    zero_init: bool = True  # residual projections (and an untied head) start at zero: blocks start as identity (nanochat)
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

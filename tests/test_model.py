@@ -187,9 +187,12 @@ def test_rotary_scores_depend_only_on_the_distance():
 
 
 def test_the_gpt2_layout_is_every_modern_field_off():
-    old = tiny(rotary=False, key_offset=False, qk_norm=False, relu2=False, untied_head=False)
+    old = tiny(rotary=False, key_offset=False, qk_norm=False, relu2=False)
     assert old.transformer.wpe is not None and old.transformer.wte.weight is old.lm_head.weight
-    assert not hasattr(tiny().transformer, "wpe") and tiny().transformer.wte.weight is not tiny().lm_head.weight
+    assert not hasattr(tiny().transformer, "wpe")
+    untied = tiny(untied_head=True)
+    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    assert untied.num_params() == tiny().num_params()  # the token table is a lookup: no FLOPs
 
 
 def test_orthogonalize_sets_every_singular_value_near_one():
@@ -207,7 +210,7 @@ def test_muon_orthogonalizes_the_matrices_and_leaves_the_rest_to_the_textbook_ad
     fc = a.transformer.h[0].mlp.c_fc.weight  # (4C, C): tall, so its step is scaled by sqrt(4)
     before, grad = fc.detach().clone(), fc.grad.clone()
     ours.step()
-    torch.testing.assert_close(fc - before, -0.02 * 2 * orthogonalize(grad[None])[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fc - before, -0.02 * 2 * orthogonalize(grad[None])[0], rtol=1e-3, atol=1e-5)
     a = tiny().train()
     ours = a.configure_optimizers(1e-2, 0.1, (0.9, 0.95), "cpu", matrix_lr=0.02)
     for g in ours.param_groups:  # the matrices held still, the other parameters step for step with torch's AdamW
