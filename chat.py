@@ -37,12 +37,12 @@ import torch
 from common import HelpFormatter, setup_device, write_json
 from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
-from tasks import PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt, gold_eval_many, prompt_set
+from tasks import (FEW_SHOT_TOKENS, N_SHOTS, PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt,
+                   gold_eval_many, prompt_set)
 from tools import ToolRunner, load_index
 
 SETTINGS = dict(temperature=(float, 0.0, 2.0, 0.6), top_k=(int, 0, 10**6, 50),  # name: (type, low, high, default)
                 top_p=(float, 0.0, 1.0, 1.0), max_tokens=(int, 1, 4096, 96), seed=(int, 0, 2**31 - 1, 0))
-N_SHOTS, FEW_SHOT_NEW = 2, 80  # a pretrained model on a task: sft.py's --n_shots, tasks.evaluate_few_shot's tokens
 TASK_LIMIT = 500  # tasks of each prompt set that /task and --task can name
 HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compositions, what the report measures
 MAX_BODY, MAX_REQUEST, MAX_BEST_OF = 64 * 2**10, 4000, 64  # the limits: body bytes, request chars, best-of samples
@@ -118,19 +118,20 @@ def load_scorers(reward_dir, enc, device):
                            names=rules.get("rules", list(RULES)) if rules else [])
 
 
-class LazyTools:
-    """tools.ToolRunner for generate_stream, made at the first call: building the documentation index takes
-    a while the first time, and most answers call no tool."""
+class LazyTools(ToolRunner):
+    """tools.ToolRunner whose documentation index is loaded at the first call: building it takes a while the
+    first time, and most answers call no tool."""
 
     def __init__(self, enc, index_path):
-        self.enc, self.path, self.runner, self.call_end_id = enc, index_path, None, enc.encode_single_token(CALL_END)
+        super().__init__(enc, None)
+        self.path = index_path
 
     def __call__(self, response_tokens):
-        if self.runner is None:
+        if self.index is None:
             if not os.path.exists(self.path):
                 print(f"(a first tool call: building the documentation index into {self.path})", file=sys.stderr)
-            self.runner = ToolRunner(self.enc, load_index(self.path))
-        return self.runner(response_tokens)
+            self.index = load_index(self.path)
+        return super().__call__(response_tokens)
 
 # -----------------------------------------------------------------------------
 # the conversation, generation and the notes
@@ -180,7 +181,7 @@ def answer(ctx, m, request, history, task, s, generator, emit):
     """One model's answer: its text streamed through emit as it grows, then its notes; a chat model's history
     gains the turn, as the engine wrote it."""
     block, pretrained = m.gpt.config.block_size, m.stage == "pretrain"
-    max_new = min(s["max_tokens"], FEW_SHOT_NEW) if pretrained and task else s["max_tokens"]
+    max_new = min(s["max_tokens"], FEW_SHOT_TOKENS) if pretrained and task else s["max_tokens"]
     if pretrained:  # plain text, or the few-shot prompt of tasks.evaluate_few_shot
         text = few_shot_prompt(ctx.shots, task, [t.reference for t in ctx.shots]) if task else request
         prompt, dropped = (ctx.enc.encode_ordinary(text)[-(block - max_new):] if max_new < block else None), 0
@@ -237,12 +238,17 @@ def best_of(ctx, m, request, history, task, s, generator, emit):
     return r
 
 
+def sample_streams(ctx, seed):
+    """One stream of samples per model (and one for best-of-n), from the seed."""
+    return {name: torch.Generator(ctx.device).manual_seed(seed + i)
+            for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+
+
 def answer_all(ctx, request, histories, s, emit, task=None, models=None, generators=None):
     """Every model's answer to one request (each chat model's history, a list in histories, gains the turn), then
     the best-of-n column when its model was asked. Without generators (the server), each answer samples from the
     seed alone: the same settings give the same answers."""
-    gens = generators or {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
-                          for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+    gens = generators or sample_streams(ctx, s["seed"])
     first = next((m for m in ctx.models if m.stage != "pretrain"), None)  # the model best-of samples
     past = list(histories.get(first.name, [])) if first else []  # its history before this turn
     results = [answer(ctx, m, request, histories.setdefault(m.name, []), task, s, gens[m.name], emit)
@@ -322,9 +328,7 @@ def run_terminal(ctx, s, lines, stats, label, record=None):
                 continue
         if not line:
             continue
-        if gens is None:  # one stream of samples per model, from the seed
-            gens = {name: torch.Generator(ctx.device).manual_seed(s["seed"] + i)
-                    for i, name in enumerate([m.name for m in ctx.models] + ["best_of"])}
+        gens = gens or sample_streams(ctx, s["seed"])
         request = task.prompt if task else line
         if label or task:
             print(f"=== {line}: {request}" if task else f"=== {request}", file=sys.stdout if label else sys.stderr)

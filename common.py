@@ -1,12 +1,13 @@
 """
 The few helpers every stage script shares, and nothing else: flags and presets, the device and
-its autocast, the learning-rate schedule, the end of a training step, the JSONL log, the Ctrl-C
-flag, atomic JSON files and the FLOP/s that MFU divides by.
+its autocast, printing on one rank, the learning-rate schedule, the stop on a diverged loss, the
+JSONL log, the Ctrl-C flag, atomic files and the FLOP/s that MFU divides by.
 
 Everything about the GPT lives on the GPT (model.py); everything about judging a policy lives in
 the world (tasks.py). What is here is plumbing a stage would otherwise write out identically.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,17 +35,17 @@ def parse_args(parser, presets, argv=None):
     known, _ = pre.parse_known_args(argv)
     parser.set_defaults(**presets[known.preset])
     args = parser.parse_args(argv)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    print0("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     return args
 
 
-def _bounded(kind, low, inclusive, what):
+def _bounded(kind, low, inclusive, what, below=math.inf):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        if not math.isfinite(value) or value < low or (value == low and not inclusive) or value >= below:
             raise argparse.ArgumentTypeError(f"{text} is out of range: must be {what}")
         return value
     return parse
@@ -56,13 +57,7 @@ positive_int = _bounded(int, 1, True, "an integer >= 1")
 nonneg_int = _bounded(int, 0, True, "an integer >= 0")
 positive_float = _bounded(float, 0.0, False, "a number > 0")
 nonneg_float = _bounded(float, 0.0, True, "a number >= 0")
-
-
-def fraction(text):
-    value = nonneg_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: must be in [0, 1)")
-    return value
+fraction = _bounded(float, 0.0, True, "in [0, 1)", below=1.0)
 
 # -----------------------------------------------------------------------------
 # device
@@ -94,6 +89,12 @@ def setup_distributed(device_name="auto"):
         device_name = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device_name)
     return dist.get_rank(), dist.get_world_size(), "cpu" if not cuda and device_name == "auto" else device_name
+
+
+def print0(*args, **kwargs):
+    """print on one process only: under torchrun, rank 0 (the other ranks would repeat its lines)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
 
 
 def any_rank(flag, world, device):
@@ -158,20 +159,12 @@ def cosine_lr(step, warmup_steps, max_steps, min_ratio=0.1):
     return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def clip_and_step(model, optimizer, lr_share, grad_clip):
-    """The end of every training step, the same in every stage: clip the gradient norm, set each
-    group's learning rate to its peak (base_lr) times lr_share, step, drop the gradients. Returns
-    the norm before clipping. A loss that went non-finite stops the run here, before the step could
-    spread it into the weights."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    if not torch.isfinite(norm):
-        raise SystemExit(f"stopping: the gradient norm is {norm.item()} (the loss diverged; is the learning rate "
-                         f"too high?). Nothing was saved after the last checkpoint, which is kept.")
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_share
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+def check_finite(grad_norm):
+    """Stop the run on a gradient norm that is not finite: the loss diverged, and the optimizer step
+    would spread it into the weights. The last checkpoint, saved before, is kept."""
+    if not torch.isfinite(grad_norm):
+        raise SystemExit(f"stopping: the gradient norm is {grad_norm.item()} (the loss diverged; is the learning "
+                         f"rate too high?). Nothing was saved after the last checkpoint, which is kept.")
 
 
 def log_metrics(path, **fields):
@@ -186,9 +179,8 @@ def trim_log(path, key, resume_at):
     if os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if json.loads(line).get(key, -1) < resume_at]
-        with open(f"{path}.tmp", "w") as f:
+        with atomic_write(path) as f:
             f.writelines(kept)
-        os.replace(f"{path}.tmp", path)
 
 
 class StopFlag:
@@ -205,8 +197,23 @@ class StopFlag:
         tqdm.write("interrupted: saving at the end of this step (Ctrl-C again to abort)")
 
 
+@contextlib.contextmanager
+def atomic_write(path, mode="w", encoding=None):
+    """Open a file that is written whole or not at all: into path.tmp, flushed to the disk, then renamed
+    over path, so that a run killed mid-write (or a full disk) leaves the old file, or none, never half
+    of one. Every file written whole goes through here (the logs grow a line at a time)."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # after a failure: no half file left behind
+            os.remove(tmp)
+
+
 def write_json(path, obj):
-    """Write atomically, like checkpoints: a run killed mid-write leaves no half file behind."""
-    with open(f"{path}.tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=1)
-    os.replace(f"{path}.tmp", path)

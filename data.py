@@ -9,13 +9,13 @@ Both are split into train and validation by file, the same split for both, so no
 file's docstrings leak into the generic training set.
 
 The tokenizer is byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant) with GPT-4's
-regex pre-split, trained by `train_bpe` below and saved to one JSON file; `load_tokenizer` turns
-that file into a `tiktoken.Encoding`, so encoding runs at tiktoken's speed. `bpe_encode` is the
-same algorithm in a few lines of Python, the reference the tests hold tiktoken to.
+regex pre-split: `train_bpe_simple` is minbpe's training loop as it reads, `train_bpe` the same
+merges fast; they save to one JSON file, which `load_tokenizer` turns into a `tiktoken.Encoding`, so
+encoding runs at tiktoken's speed. `bpe_encode` is the same algorithm in a few lines of Python, the
+reference the tests hold tiktoken to.
 
     python data.py                                              # the embedded default
     python data.py --generic_corpus notes/ --domain_corpus src/  # your own files or folders
-    python data.py --export out/export   # the world's demonstrations, pairs and prompts as JSON Lines
 
 Your own demonstrations, preference pairs and prompts are read here too (read_demos, read_pairs,
 read_prompts), in the JSON Lines formats of Hugging Face TRL; see "your own data" below.
@@ -26,10 +26,8 @@ import base64
 import hashlib
 import heapq
 import io
-import itertools
 import json
 import os
-import random
 import sysconfig
 import time
 import tokenize
@@ -41,7 +39,7 @@ import tiktoken
 import torch
 from tqdm import tqdm
 
-from common import write_json
+from common import atomic_write, print0, write_json
 
 # GPT-4's pre-split (cl100k_base): contractions, words with one leading non-letter, numbers of up
 # to 3 digits, punctuation runs, newlines, spaces. BPE never merges across these chunks, so a
@@ -162,6 +160,17 @@ def read_corpus(path):
     return corpus
 
 
+def first_chars(docs, n):
+    """The first n characters of a corpus: whole documents, then the start of the next one."""
+    kept = []
+    for doc in docs:
+        if n <= 0:
+            break
+        kept.append(doc[:n])
+        n -= len(kept[-1])
+    return kept
+
+
 # -----------------------------------------------------------------------------
 # the tokenizer: byte-level BPE
 
@@ -179,14 +188,35 @@ def merge(ids, pair, new_id):
     return out
 
 
+def train_bpe_simple(docs, vocab_size):
+    """BPE's merges by minbpe's loop as it reads (Karpathy's minbpe, RegexTokenizer.train): count
+    every adjacent pair within the chunks of the pre-split, merge the most frequent one everywhere, repeat.
+    Each merge recounts the whole corpus, so it takes minutes where train_bpe, below, takes seconds; the
+    tests hold the two to the same merges. Returns the new tokens' bytes, in merge order."""
+    chunks = [list(chunk.encode("utf-8")) for doc in docs for chunk in regex.findall(SPLIT_PATTERN, doc)]
+    vocab = [bytes([i]) for i in range(256)]  # token id -> its bytes
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+        counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
+        # a pair whose bytes are already a token, reached by other pairs ((ab, c) vs (a, bc)), would give those
+        # bytes a second id, which tiktoken's table of bytes -> id cannot hold
+        known = set(vocab)
+        counts = {p: n for p, n in counts.items() if vocab[p[0]] + vocab[p[1]] not in known}
+        pair = min(counts, key=lambda p: (-counts[p], p), default=None)  # the most frequent; a tie: the smallest ids
+        if pair is None or counts[pair] < 2:  # a pair that occurs once is not worth a token
+            break
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        chunks = [merge(ids, pair, len(vocab) - 1) for ids in chunks]
+    return vocab[256:]
+
+
 def train_bpe(docs, vocab_size):
     """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
 
-    minbpe's loop (count pairs, pick the most frequent, merge it everywhere, repeat), made fast in
-    three ways: counting is over unique chunks of the pre-split (a chunk that occurs 10,000 times is
-    one word of weight 10,000); after a merge only the words that held the pair are touched, found
-    through an index from pair to words, and only their pairs' counts change; and a heap gives the
-    most frequent pair. Ties break toward the smallest pair of ids, so training is deterministic."""
+    train_bpe_simple's loop, made fast in three ways: counting is over unique chunks of the pre-split
+    (a chunk that occurs 10,000 times is one word of weight 10,000); after a merge only the words that
+    held the pair are touched, found through an index from pair to words, and only their pairs' counts
+    change; and a heap gives the most frequent pair. Ties break toward the smallest pair of ids, so
+    training is deterministic."""
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
@@ -248,10 +278,8 @@ def train_bpe(docs, vocab_size):
 def save_tokenizer(path, merged_tokens):
     state = dict(pattern=SPLIT_PATTERN, special_tokens=list(SPECIAL_TOKENS),
                  merged_tokens=[base64.b64encode(t).decode("ascii") for t in merged_tokens])
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(state, f)
-    os.replace(tmp, path)
 
 
 def tokenizer_ranks(path):
@@ -316,13 +344,12 @@ def write_tokens(enc, docs, path):
     eot = enc.encode_single_token(EOT)
     dtype = np.uint16 if enc.n_vocab < 2**16 else np.uint32
     n_tokens = 0
-    with open(f"{path}.tmp", "wb") as f:
+    with atomic_write(path, "wb") as f:
         for start in range(0, len(docs), 256):
             batch = enc.encode_ordinary_batch(docs[start:start + 256], num_threads=os.cpu_count() or 1)
             for ids in batch:
                 np.asarray(ids + [eot], dtype=dtype).tofile(f)
                 n_tokens += len(ids) + 1
-    os.replace(f"{path}.tmp", path)
     return n_tokens, sum(len(d.encode("utf-8")) for d in docs)
 
 
@@ -446,13 +473,21 @@ TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}
 
 def segments(text):
     """A response's decoded text back into encode_response's segments: its tool calls and results,
-    written out with their special tokens, become call and result segments again."""
+    written out with their special tokens, become call and result segments again. The one parser of
+    tool segments: tools.parse_calls reads a response's calls through it."""
     parts, out = TOOL_SEGMENT.split(text), []  # text, call or None, result or None, text, ...
     for i in range(0, len(parts), 3):
         out += [("text", parts[i])] if parts[i] else []
         if i + 1 < len(parts):
             out.append(("call", parts[i + 1]) if parts[i + 1] is not None else ("result", parts[i + 2]))
     return out
+
+
+def render_response(segments):
+    """Segments as the decoded text of generated tokens: calls and results between their tokens (the
+    inverse of segments)."""
+    wrap = {"text": "{}", "call": CALL + "{}" + CALL_END, "result": RESULT + "{}" + RESULT_END}
+    return "".join(wrap[kind].format(text) for kind, text in segments)
 
 
 # -----------------------------------------------------------------------------
@@ -465,12 +500,10 @@ def segments(text):
 # its response may also be two lists of messages, and an RL prompt one list that ends with the user's (TRL's
 # conversational form). Each record becomes the (request, response) turns encode_conversation takes, so the
 # loss is on every assistant turn. A response is read as the model writes it, a tool call and its result in
-# the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments); that is how --export
-# writes the world's factual demonstrations. TRL's tool_calls and tool messages are not read. One format per file,
-# as --export and examples/ write them: datasets.load_dataset("json") gives a file one schema, every key on every
-# record (None where absent), which TRL cannot train on; sft.py --demos takes several files.
-
-SFT_FACT_SEED = 50  # sft.py's FACT_SEED, for the export (tests/test_user_data.py checks that they agree)
+# the text: "<|call|>lookup: json.dumps<|/call|><|result|>...<|/result|>" (see segments), as examples/export.py
+# writes the world's factual demonstrations; TRL's tool_calls and tool messages are not read. One format per
+# file: datasets.load_dataset("json") gives a file one schema, every key on every record (None where absent),
+# which TRL cannot train on; sft.py --demos takes several files.
 
 
 class DataError(ValueError):
@@ -562,8 +595,8 @@ def fit_block(items, lengths, block_size, path):
     cut: a cut demonstration teaches answers that stop mid-way, a cut pair is judged on half a response."""
     kept = [x for x, n in zip(items, lengths) if n <= block_size]
     if len(kept) < len(items):
-        print(f"{path}: skipped {len(items) - len(kept)} of {len(items)} records: longer than the model's block "
-              f"of {block_size} tokens")
+        print0(f"{path}: skipped {len(items) - len(kept)} of {len(items)} records: longer than the model's block "
+               f"of {block_size} tokens")
     if not kept:
         raise DataError(f"{path}: no record fits the model's block of {block_size} tokens")
     return kept
@@ -575,56 +608,6 @@ def split_held_out(items, every=VAL_EVERY):
     if len(items) < 2:
         raise DataError(f"{len(items)} usable record(s): at least 2 are needed, one to train on, one held out")
     return [x for i, x in enumerate(items) if i % every], items[::every]
-
-
-def export_world(run_dir, out):
-    """The built-in world's data as the run in run_dir read it, in the formats above: demos.jsonl (sft.py's
-    demonstrations, rebuilt with the flags in sft/ckpt.pt), pairs.jsonl (reward.py's cached comparisons, a
-    labeler's ranking of K as its K-choose-2 pairs) and prompts.jsonl (ppo.py's prompts, flags in ppo/ckpt.pt)."""
-    from tasks import demonstrate, prompt_set  # here, not at the top: tasks.py and tools.py import this file
-    from tools import demonstrate_fact, load_index, make_questions, render_response
-    os.makedirs(out, exist_ok=True)
-
-    def flags(stage, own):  # the flags the stage ran with, from its checkpoint (mmap: no weights are read)
-        path = os.path.join(run_dir, stage, "ckpt.pt")
-        if not os.path.exists(path):
-            return print(f"{path} not found: run {stage}.py (or run.py) first to export what it reads")
-        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-        if cfg.get(own):  # the stage read a file of yours, not the world's data
-            return print(f"{path} was trained on your own {cfg[own]}: that file is its data")
-        return cfg
-
-    def write(name, records):
-        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        print(f"wrote {len(records):,} records to {os.path.join(out, name)}")
-
-    if sft := flags("sft", "demos"):  # sft.py's data section, line for line
-        rng = random.Random(sft["seed"])
-        demos = [dict(prompt=t.prompt, completion=demonstrate(t, rng, sft["flaw_rate"])[0])
-                 for t in prompt_set("sft_train", sft["n_train"], sft["seed"])]
-        if sft["n_facts"]:  # a tool call and its result written in the completion, as the model writes them
-            docs = load_index(sft["docs_index"])
-            demos += [dict(prompt=q.prompt, completion=render_response(demonstrate_fact(docs, q, sft["tools"])))
-                      for q in make_questions(docs, "train", sft["n_facts"], sft["seed"] + SFT_FACT_SEED)]
-        write("demos.jsonl", demos)
-    cache = os.path.join(run_dir, "reward", "comparisons.json")
-    if os.path.exists(cache):  # its texts are the responses as decoded, tool calls and results written out
-        enc = load_tokenizer(os.path.join(run_dir, "tokenizer.json"))
-        with open(cache) as f:
-            comparisons = json.load(f)
-        pairs = []
-        for c in comparisons:
-            seq = c["sequences"][0]  # <|endoftext|> <|user|> prompt <|assistant|> response
-            prompt = enc.decode(seq[2:seq.index(enc.encode_single_token(ASSISTANT))])
-            pairs += [dict(prompt=prompt, chosen=c["texts"][w], rejected=c["texts"][l])
-                      for w, l in itertools.combinations(c["ranking"], 2)]  # earlier in the ranking: preferred
-        write("pairs.jsonl", pairs)
-    else:
-        print(f"{cache} not found: reward.py writes it (the SFT model's samples and the labelers' rankings)")
-    if ppo := flags("ppo", "prompts"):
-        n = ppo["iterations"] * ppo["rollout_batch"] // ppo["group_size"]
-        write("prompts.jsonl", [dict(prompt=t.prompt) for t in prompt_set("ppo_train", n, ppo["seed"])])
 
 
 # -----------------------------------------------------------------------------
@@ -643,12 +626,7 @@ if __name__ == "__main__":
                         "many characters, half from each corpus's training split (BPE in Python takes time)")
     parser.add_argument("--block_size", type=int, default=256, help="the longest context you will pretrain with: "
                         "every split must hold at least one window of block_size + 1 tokens")
-    parser.add_argument("--export", default=None, help="instead: write the world's data as the run in --out_dir "
-                        "consumed it (demos.jsonl, pairs.jsonl, prompts.jsonl) into this folder")
     args = parser.parse_args()
-    if args.export:  # the other way round: what the stages read, written out in the formats of your own data
-        export_world(args.out_dir, args.export)
-        raise SystemExit(0)
     os.makedirs(args.out_dir, exist_ok=True)
 
     t0 = time.time()
@@ -658,28 +636,18 @@ if __name__ == "__main__":
         corpora["generic"] = read_corpus(args.generic_corpus)
     if args.domain_corpus:
         corpora["domain"] = read_corpus(args.domain_corpus)
-    if args.max_chars:  # a smaller corpus for quick runs: whole documents up to the budget, then a cut one
+    if args.max_chars:  # a smaller corpus for quick runs
         for corpus in corpora.values():
             for split, docs in corpus.items():
-                kept, left = [], args.max_chars if split == "train" else args.max_chars // VAL_EVERY
-                for doc in docs:
-                    if left <= 0:
-                        break
-                    kept.append(doc[:left])
-                    left -= len(kept[-1])
-                corpus[split] = kept
+                corpus[split] = first_chars(docs, args.max_chars if split == "train" else args.max_chars // VAL_EVERY)
     summary = dict(corpora={}, corpus_seconds=round(time.time() - t0, 1))
 
     tokenizer_path = os.path.join(args.out_dir, "tokenizer.json")
     if not os.path.exists(tokenizer_path):  # the tokenizer sees both training splits, never validation
         t0 = time.time()
-        docs = []
-        for corpus in (corpora["generic"]["train"], corpora["domain"]["train"]):  # half the budget each
-            budget = args.tokenizer_chars // 2
-            for doc in corpus:
-                docs.append(doc[:budget])
-                budget -= len(docs[-1])
-        merged = train_bpe([d for d in docs if d], args.vocab_size)
+        docs = [doc for name in ("generic", "domain")  # half the budget each
+                for doc in first_chars(corpora[name]["train"], args.tokenizer_chars // 2) if doc]
+        merged = train_bpe(docs, args.vocab_size)
         save_tokenizer(tokenizer_path, merged)
         summary["tokenizer_seconds"] = round(time.time() - t0, 1)
         print(f"trained the tokenizer: {256 + len(merged)} byte tokens and merges in {summary['tokenizer_seconds']}s")

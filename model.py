@@ -6,17 +6,18 @@ written out by hand so that a student can read all of it.
   output head, with what buys capability per FLOP at this size (each a config field, each measured
   by bench/ablations.py into docs/ABLATIONS.md): rotary positions, QK-norm, a key offset that lets
   one layer copy, ReLU^2, an untied head, zero-initialized residual projections, and the Muon
-  optimizer for the matrices; with every field off it is GPT-2 (learned positions, GELU, tied head);
+  optimizer for the matrices (muon.py); with every field off it is GPT-2 (learned positions, GELU,
+  tied head);
 - attention behind one function, `attention()`, with three named paths: `math` (the readable
   reference that materializes the (T, T) score matrix), `sdpa` (PyTorch's
   `F.scaled_dot_product_attention`) and `flash` (our fused Triton kernel, flash_attention.py);
 - batched generation with a KV cache, temperature, top-k and top-p, stopping at an end token,
-  returning each sampled token's log-probability (PPO and reranking need them);
+  returning each sampled token's log-probability (PPO and reranking need them); the tools a chat
+  model calls mid-answer are tools.py's, which the engine only hands the rows that called them;
 - an optional scalar head on the trunk (`n_scores` outputs per position) for the reward, value
   and rule models, saved in the same checkpoint format as a language model;
 - atomic checkpoints that say which stage and which tokenizer made them.
 """
-import contextlib
 import math
 import os
 from collections import namedtuple
@@ -25,6 +26,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from common import atomic_write, print0
+from muon import Muon
 
 ATTENTION_PATHS = ("auto", "math", "sdpa", "flash")
 QK_GAIN = 2.0  # with QK-norm, the attention logits are scaled by this beyond 1/sqrt(head size)
@@ -120,7 +124,7 @@ def attention(q, k, v, path="auto", key_start=None):
     path = resolve_attention_path(path, q.device, q.size(-1))
     if not torch.compiler.is_compiling() and path not in _announced:  # a print splits a graph
         _announced.add(path)
-        print(f"attention: {path} path on {q.device.type}")
+        print0(f"attention: {path} path on {q.device.type}")  # under torchrun, once, not once per rank
     if path == "flash":
         return _flash_attention(q, k, v, key_start)
     T_q, T_k = q.size(-2), k.size(-2)
@@ -390,11 +394,9 @@ class GPT(nn.Module):
         kernel too, and positions restart at 0 for each prompt. A sequence
         leaves the batch (and the cache) when it samples eos_id.
 
-        Tools (LaMDA's toolset): when a row samples tool_runner.call_end_id, tool_runner(the row's
-        response so far) returns the tokens of the tool's result, which are fed to that row one per
-        step as forced tokens while the other rows keep sampling. A forced token is not the policy's
-        action: its log-probability is reported as 0 and `forced` marks it, so that no later stage
-        trains on it."""
+        With a tool_runner (tools.ToolRunner: LaMDA's toolset), a row that closes a tool call gets the
+        tool's result as its next tokens instead of samples; such a forced token is not the policy's
+        action: its log-probability is reported as 0 and `forced` marks it, so that no stage trains on it."""
         device = self.lm_head.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         if P + max_new_tokens > self.config.block_size:
@@ -411,25 +413,14 @@ class GPT(nn.Module):
         logits = self(idx, positions=positions, key_start=key_start, kv_cache=cache)[0][:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
         rows = torch.arange(B, device=device)  # the prompt index of each sequence still generating
-        responses = [[] for _ in range(B)]  # what each row has written so far, for the tool runner
-        queued = {}  # prompt index -> tool-result tokens still to force into that row
+        force = tool_runner.forcing(B) if tool_runner is not None else None
         for t in range(max_new_tokens):
             logits = logits.float() / (temperature if temperature > 0 else 1.0)
             next_tok = sample_next_token(logits, temperature, top_k, top_p, generator)  # (b,)
             logprobs = F.log_softmax(logits, dim=-1).gather(1, next_tok[:, None]).squeeze(1)
             forced = torch.zeros_like(next_tok, dtype=torch.bool)
-            if queued:  # rows in the middle of a tool result take its next token instead
-                for j, row in enumerate(rows.tolist()):
-                    if row in queued:
-                        next_tok[j], forced[j] = queued[row].pop(0), True
-                        if not queued[row]:
-                            del queued[row]
-                logprobs = logprobs.masked_fill(forced, 0.0)
-            if tool_runner is not None:
-                for j, (row, tok) in enumerate(zip(rows.tolist(), next_tok.tolist())):
-                    responses[row].append(tok)
-                    if tok == tool_runner.call_end_id and not forced[j]:
-                        queued[row] = list(tool_runner(responses[row]))
+            if force is not None:  # rows in the middle of a tool's result take its next token instead
+                next_tok, logprobs, forced = force(rows, next_tok, logprobs)
             yield rows, next_tok, logprobs, forced
             ended = (next_tok == eos_id) & ~forced if eos_id is not None else torch.zeros_like(forced)
             if bool(ended.all()) or t == max_new_tokens - 1:
@@ -485,61 +476,6 @@ def induction_test(model, pool, n=32, length=50, seeds=INDUCTION_SEEDS):
     model.train(training)
     return shares
 
-# -----------------------------------------------------------------------------
-# the optimizer
-
-
-def orthogonalize(G, steps=5):
-    """U V^T of G = U S V^T, approximately: the update with every singular value set to 1, by a
-    quintic Newton-Schulz iteration whose coefficients push singular values toward 1 in five steps of
-    matmuls instead of an SVD (Jordan et al. 2024; it lands them in about [0.7, 1.2], which is enough).
-    G: (..., rows, cols), a batch of matrices."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values at most 1
-    tall = X.size(-2) > X.size(-1)
-    X = X.mT if tall else X  # iterate on the smaller Gram matrix
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
-
-
-class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for the groups marked muon=True: SGD with Nesterov momentum whose
-    update of each matrix is orthogonalized, so that every direction of the matrix moves at the
-    same rate instead of the few that dominate the gradient; scaled by sqrt(max(1, rows / cols)).
-    The other groups (embeddings, heads, gains) take AdamW, written out here so that one optimizer
-    holds both and saves and resumes as one."""
-
-    def __init__(self, groups, lr, betas, momentum=0.95, eps=1e-8):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, muon=False, split=1))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, decay = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state, g = self.state[p], p.grad
-                p.mul_(1 - lr * decay)  # decoupled weight decay (Loshchilov & Hutter 2019)
-                if group["muon"]:
-                    buf = state.setdefault("momentum", torch.zeros_like(g))
-                    buf.lerp_(g, 1 - group["momentum"])
-                    g = g.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum, blended
-                    g = orthogonalize(g.view(group["split"], -1, g.size(-1))).view_as(g)
-                    p.add_(g, alpha=-lr * max(1, g.size(-2) / group["split"] / g.size(-1)) ** 0.5)
-                    continue
-                if not state:
-                    state.update(step=0, m=torch.zeros_like(g), v=torch.zeros_like(g))
-                state["step"] += 1
-                (b1, b2), t = group["betas"], state["step"]
-                state["m"].lerp_(g, 1 - b1)
-                state["v"].lerp_(g.square(), 1 - b2)
-                denominator = (state["v"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["m"], denominator, value=-lr / (1 - b1 ** t))
-
-
 def last_token_scores(model, sequences, pad_id):
     """A scored model's head at each sequence's last token, (N, n_scores): where a reward model reads
     its verdict on a whole response (InstructGPT: the final token's output). Sequences are token
@@ -573,12 +509,6 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
-def token_logprobs(logits, targets, temperature=1.0):
-    """log p(target) per position under softmax(logits / temperature), in fp32: (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-
-
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -587,8 +517,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path, model, stage, tokenizer, **extra):
-    """Write atomically: to a temporary file, flushed to disk, then renamed over the old one, so
-    a run killed while saving (or a full disk) leaves the previous checkpoint intact. Only plain
+    """Write atomically (common.atomic_write), so that a run killed while saving (or a full disk)
+    leaves the previous checkpoint intact. Only plain
     types go in (tensors, numbers, strings, lists, dicts), so that loading runs no code. A model
     whose weights are not finite is never saved: the last good checkpoint stays."""
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
@@ -597,16 +527,10 @@ def save_checkpoint(path, model, stage, tokenizer, **extra):
                               f"training diverged (learning rate too high?) and the last good checkpoint is kept")
     ckpt = dict(stage=stage, model_args=asdict(model.config), model=model.state_dict(),
                 tokenizer=dict(name=tokenizer.name, n_vocab=tokenizer.n_vocab), **extra)
-    tmp = f"{path}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, most often: say so, and leave no half file behind
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except OSError as e:  # a full disk, most often: say so (atomic_write leaves no half file behind)
         raise CheckpointError(f"could not write {path} ({e.strerror or e}); the previous checkpoint, if any, "
                               f"is intact") from e
 

@@ -51,12 +51,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, clip_and_step, log_metrics, nonneg_float, nonneg_int, parse_args,
+from common import (HelpFormatter, StopFlag, check_finite, log_metrics, nonneg_float, nonneg_int, parse_args,
                     positive_float, positive_int, setup_device, trim_log, write_json)
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import compare, evaluate_policy, gold_eval_many, prompt_set, sample_responses
+from tasks import gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
@@ -305,21 +305,44 @@ def adaptive_beta(beta, kl, target, n_samples, horizon):
     return beta * (1.0 + error * n_samples / horizon)
 
 
-def win_rates(ours, theirs, n_ours, n_theirs, rng):
-    """Each of our samples against the baseline's sample of the same index for the same prompt
-    (prompt-major lists of gold utilities): per comparison, the simulated labeler's verdict and
-    the noiseless one (tasks.compare). Returns (labeler wins, noiseless wins), lists of floats."""
-    labeler, noiseless = [], []
-    for i in range(len(ours) // n_ours):
-        for j in range(n_ours):
-            verdict = compare(ours[i * n_ours + j], theirs[i * n_theirs + j % n_theirs], rng)
-            labeler.append(verdict[0])
-            noiseless.append(verdict[1])
-    return labeler, noiseless
+# -----------------------------------------------------------------------------
+# judging the policy after training, against the SFT model: the KL, the generic-text loss (and tasks.win_rates)
+
+@torch.no_grad()
+def kl_per_response(policy, reference, prompts, samples, pad_id, temperature, autocast):
+    """KL(policy || reference) of each sampled response (sample_responses' dicts, one per prompt): its summed
+    log-ratio over the policy's actions (the k1 estimator, whose mean over the policy's own samples is the
+    KL). Never call it inside `with autocast`: one torch.autocast entered twice restores, on the way out, the
+    state it found inside itself, so autocast stays on after both exits, with a stale cache of cast weights
+    (the in-process rehearsal's later optimizer steps then changed nothing)."""
+    device, kls = next(policy.parameters()).device, []
+    for start in range(0, len(samples), SCORE_BATCH):
+        chunk = slice(start, start + SCORE_BATCH)
+        x, targets, mask = pack_rollouts(prompts[chunk], [s["tokens"] for s in samples[chunk]], pad_id, device,
+                                         [s["forced"] for s in samples[chunk]])
+        with autocast:
+            lp = policy_logprobs(policy, x, targets, mask, temperature)[0]
+            ref_lp = policy_logprobs(reference, x, targets, mask, temperature)[0]
+        kls += ((lp - ref_lp) * mask).sum(1).tolist()
+    return kls
+
+
+@torch.no_grad()
+def generic_val_losses(model, data, autocast):
+    """Loss per batch of generic validation text, on the same windows every time (a fixed seed): what
+    PPO-ptx protects."""
+    rng, device, losses = torch.Generator().manual_seed(GENERIC_VAL_SEED), next(model.parameters()).device, []
+    for _ in range(GENERIC_VAL_BATCHES):
+        x, y = get_batch(data, GENERIC_VAL_BATCH_SIZE, model.config.block_size, rng, device)
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    return losses
 
 
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":
+# the flags (--preset fills their defaults; `python ppo.py --preset quick --help` shows them)
+
+def parse_flags(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # I/O
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named set of defaults")
@@ -380,7 +403,7 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
                         "the device supports it (auto), or as asked (run.py --rehearse: bf16 on a CPU)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds prompts, sampling and minibatches")
-    args = parse_args(parser, PRESETS)
+    args = parse_args(parser, PRESETS, argv)
     if args.advantage == "grpo" and args.group_size < 2:
         parser.error("--advantage grpo needs --group_size of at least 2: advantages are relative to the group")
     if args.rollout_batch % args.group_size or args.rollout_batch % args.minibatch:
@@ -389,6 +412,12 @@ if __name__ == "__main__":
     if args.prompts and args.reward != "rm":
         parser.error(f"--reward {args.reward} needs the world's hidden tests; your --prompts have none: use "
                      f"--reward rm")
+    return args
+
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    args = parse_flags()
 
     # -----------------------------------------------------------------------------
     # device, dtype
@@ -398,24 +427,30 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # -----------------------------------------------------------------------------
-    # data: RL prompts (training combinations, a pool no SFT demonstration comes from), generic text
+    # data: RL prompts (training combinations, a pool no SFT demonstration comes from) and held-out ones to judge
+    # the policy on, encoded, with the world's tasks beside them (their hidden tests: the reward for --reward
+    # tests, and the gold judge); generic text, for ptx and the loss PPO-ptx protects
     enc = load_tokenizer(args.tokenizer)
     pad_id, end_id = enc.encode_single_token(EOT), enc.encode_single_token(END)
     prompts_per_iteration = args.rollout_batch // args.group_size
     n_pool = args.iterations * prompts_per_iteration
-    if args.prompts:  # yours, encoded: those that fit with a whole response, every 20th held out, the rest
-        block_size = load_checkpoint(args.sft, ["sft"], enc)["model_args"]["block_size"]  # in a new order each pass
+    if args.prompts:  # yours: those that fit with a whole response, every 20th held out, the rest in a new order
+        # each pass; no hidden tests, so no tasks: the reward model alone scores, and no gold judge
+        block_size = load_checkpoint(args.sft, ["sft"], enc)["model_args"]["block_size"]
         encoded = [encode_conversation(enc, turns)[0] for turns in read_prompts(args.prompts)]
         train_prompts, eval_prompts = split_held_out(fit_block(
             encoded, [len(p) + args.max_new_tokens for p in encoded], block_size, args.prompts))
         n_skipped, n = len(encoded) - len(train_prompts) - len(eval_prompts), len(train_prompts)
-        passes = -(-n_pool // n)  # enough passes over them for every iteration
-        prompt_pool = [train_prompts[i] for e in range(passes)
+        prompt_pool = [train_prompts[i] for e in range(-(-n_pool // n))  # enough passes for every iteration
                        for i in random.Random(args.seed + e).sample(range(n), n)][:n_pool]
         print(f"data: {len(train_prompts)} of your prompts from {args.prompts} ({n_pool / len(train_prompts):.1f} "
               f"passes), {len(eval_prompts)} held out, {n_skipped} skipped; no hidden tests: the reward model alone")
+        task_pool, eval_tasks, eval_prompts = None, None, eval_prompts[:args.n_eval]
     else:
-        prompt_pool = prompt_set("ppo_train", n_pool, args.seed)
+        task_pool, eval_tasks = prompt_set("ppo_train", n_pool, args.seed), prompt_set(args.eval_set, args.n_eval,
+                                                                                       args.seed)
+        prompt_pool, eval_prompts = ([encode_chat(enc, t.prompt)[0] for t in ts] for ts in (task_pool, eval_tasks))
+        n_skipped = 0
     generic_train, generic_val = (load_tokens(args.generic_data, split, enc) for split in ("train", "val"))
 
     # -----------------------------------------------------------------------------
@@ -442,10 +477,11 @@ if __name__ == "__main__":
             m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
 
     # -----------------------------------------------------------------------------
-    # optimizers
+    # optimizers, at a constant learning rate
     policy_opt = policy.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
-    value_lr = args.lr * args.value_lr_ratio
-    value_opt = value_model.configure_optimizers(value_lr, 0.0, (0.9, 0.95), device.type) if value_model else None
+    value_opt = value_model and value_model.configure_optimizers(args.lr * args.value_lr_ratio, 0.0, (0.9, 0.95),
+                                                                 device.type)
+    trained = [(policy, policy_opt)] + ([(value_model, value_opt)] if value_model else [])
     start, beta = 0, args.beta
     if resume is not None:
         policy_opt.load_state_dict(resume["policy_opt"])
@@ -458,37 +494,6 @@ if __name__ == "__main__":
     ptx_rng = torch.Generator().manual_seed(args.seed + PTX_SEED + start)
     shuffle_rng = random.Random(args.seed + start)
 
-    # -----------------------------------------------------------------------------
-    # evaluation helpers
-    @torch.no_grad()
-    def generic_val_losses(model):
-        """Loss per batch of generic validation text (fixed windows): what PPO-ptx protects."""
-        rng = torch.Generator().manual_seed(GENERIC_VAL_SEED)
-        losses = []
-        for _ in range(GENERIC_VAL_BATCHES):
-            x, y = get_batch(generic_val, GENERIC_VAL_BATCH_SIZE, model.config.block_size, rng, device)
-            with autocast:
-                losses.append(model(x, y)[1].item())
-        return losses
-
-    @torch.no_grad()
-    def kl_per_response(prompts, samples):
-        """KL(policy || SFT) of each sampled response: its summed log-ratio (the k1 estimator, whose
-        mean over the policy's own samples is the KL). Never call it inside `with autocast`: one
-        torch.autocast entered twice restores, on the way out, the state it found inside itself, so
-        autocast stays on after both exits, with a stale cache of cast weights (the in-process
-        rehearsal's later optimizer steps then changed nothing)."""
-        kls = []
-        for start in range(0, len(samples), SCORE_BATCH):
-            chunk = slice(start, start + SCORE_BATCH)
-            x, targets, mask = pack_rollouts(prompts[chunk], [s["tokens"] for s in samples[chunk]], pad_id, device,
-                                             [s["forced"] for s in samples[chunk]])
-            with autocast:
-                lp = policy_logprobs(policy, x, targets, mask, args.temperature)[0]
-                ref_lp = policy_logprobs(reference, x, targets, mask, args.temperature)[0]
-            kls += ((lp - ref_lp) * mask).sum(1).tolist()
-        return kls
-
     def save(iteration, finished):
         save_checkpoint(ckpt_path, policy, "ppo", enc, policy_opt=policy_opt.state_dict(), iteration=iteration,
                         beta=beta, finished=finished, config=vars(args), generic_before=generic_before,
@@ -497,7 +502,7 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # the loop
-    generic_before = generic_val_losses(policy) if resume is None else resume["generic_before"]
+    generic_before = generic_val_losses(policy, generic_val, autocast) if resume is None else resume["generic_before"]
     stop = StopFlag()
     t_phase = dict(rollout=0.0, score=0.0, update=0.0) if resume is None else resume["seconds"]
     for it in tqdm(range(start, args.iterations + 1), initial=start, total=args.iterations + 1, desc="ppo",
@@ -512,9 +517,9 @@ if __name__ == "__main__":
 
         # ---------------- ROLLOUT ----------------
         t0 = time.perf_counter()
-        tasks = [t for t in prompt_pool[it * prompts_per_iteration:(it + 1) * prompts_per_iteration]
-                 for _ in range(args.group_size)]  # each prompt group_size times, side by side
-        prompts = tasks if args.prompts else [encode_chat(enc, t.prompt)[0] for t in tasks]  # yours come encoded
+        this = slice(it * prompts_per_iteration, (it + 1) * prompts_per_iteration)
+        prompts = [p for p in prompt_pool[this] for _ in range(args.group_size)]  # group_size times, side by side
+        tasks = task_pool and [t for t in task_pool[this] for _ in range(args.group_size)]
         with torch.no_grad(), autocast:
             gen = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
                                   generator=sample_rng)
@@ -529,9 +534,8 @@ if __name__ == "__main__":
                                                                       order, args.minibatch, args.temperature)
             rm_score, rule_probs = score_responses(reward_model, rule_model,
                                                    [p + r for p, r in zip(prompts, responses)], pad_id)
-        if args.prompts:  # yours have no hidden tests to run
-            passed, evals = torch.zeros(B), None
-        else:
+        passed, evals = torch.zeros(B), None  # yours have no hidden tests to run
+        if tasks:
             passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
         score = sequence_score(rm_score, passed.to(device), rule_probs, ended, args.reward, args.test_coef,
                                args.rule_coef, args.missing_end_penalty)
@@ -549,18 +553,19 @@ if __name__ == "__main__":
                 batch = dict(x=x[idx], targets=targets[idx], mask=mask[idx], old_logprobs=old_logprobs[idx],
                              ref_logprobs=ref_logprobs[idx], advantages=advantages[idx], old_values=old_values[idx],
                              returns=None if returns is None else returns[idx])
-                ptx = None
-                if args.ptx_coef > 0:
-                    ptx = get_batch(generic_train, args.ptx_batch, policy.config.block_size, ptx_rng, device)
+                ptx = get_batch(generic_train, args.ptx_batch, policy.config.block_size, ptx_rng, device) \
+                    if args.ptx_coef > 0 else None
                 with autocast:
                     policy_loss, value_loss, mb_stats = minibatch_losses(
                         policy, value_model, batch, args.temperature, args.clip, args.value_clip,
                         kl_coef=kl_coef, ptx=ptx, ptx_coef=args.ptx_coef)
                 # separate models: each gets only its own loss's gradient
                 (policy_loss if value_loss is None else policy_loss + value_loss).backward()
-                clip_and_step(policy, policy_opt, 1.0, args.grad_clip)  # a constant learning rate
-                if value_model is not None:
-                    clip_and_step(value_model, value_opt, 1.0, args.grad_clip)
+                for model, optimizer in trained:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+                    check_finite(norm)  # a diverged loss stops the run here, before the step spreads it
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 stats.append(mb_stats)
         t3 = time.perf_counter()
         for phase, dt in zip(t_phase, (t1 - t0, t2 - t1, t3 - t2)):
@@ -592,75 +597,68 @@ if __name__ == "__main__":
             beta = adaptive_beta(beta, kl, args.kl_target, B, args.kl_horizon)
 
     # -----------------------------------------------------------------------------
-    # the final summary on your own prompts: no hidden tests and no labelers, so no gold judge and no win rate;
-    # on held-out prompts, the reward model's score (the SFT model's samples scored beside), the KL, the length
-    if args.prompts:
-        prompts, n, t0 = eval_prompts[:args.n_eval], args.eval_samples, time.time()
-        jobs = [p for p in prompts for _ in range(n)]
-        with autocast:
-            ours, theirs = (sample_responses(m, enc, prompts, n, args.temperature, args.max_new_tokens,
-                                             torch.Generator().manual_seed(args.seed)) for m in (policy, reference))
-            rm_ours, rm_sft = (score_responses(reward_model, rule_model, [p + s["tokens"] for p, s in zip(jobs, ss)],
-                                               pad_id)[0].tolist() for ss in (ours, theirs))
-        kls = kl_per_response(jobs, ours)  # outside: it enters autocast itself (see kl_per_response)
-        unavailable = {"gold judge (pass@1, utility, violations, hack rate)": "your prompts have no hidden tests",
-                       "win rate vs SFT": "no simulated labeler knows your preference (the RM's score of SFT's "
-                       "samples stands beside)", **({} if rule_model else {"rule term": "no rules.pt in --reward_dir"})}
-        summary = dict(prompts=args.prompts, n_eval=len(prompts), eval_samples=n, rm_score=rm_ours, rm_score_sft=rm_sft,
-                       kl=kls, response_len=[len(s["tokens"]) for s in ours],
-                       response_len_sft=[len(s["tokens"]) for s in theirs], ended=[s["ended"] for s in ours],
-                       generic_val_losses_before=generic_before, generic_val_losses_after=generic_val_losses(policy),
-                       rule_model=rule_model is not None, advantage=args.advantage, ptx_coef=args.ptx_coef,
-                       beta=args.beta, kl_target=args.kl_target, seconds=t_phase, train_seconds=sum(t_phase.values()),
-                       eval_seconds=time.time() - t0, iterations=args.iterations,
-                       episodes=args.iterations * args.rollout_batch, n_skipped=n_skipped,
-                       examples=[s["text"] for s in ours[:n * 3:n]], unavailable=unavailable)
-        write_json(os.path.join(args.out_dir, "samples_heldout.json"), dict(  # for a judge of your own
-            prompts=[enc.decode(p) for p in prompts], n_samples=n, ppo=[s["text"] for s in ours],
-            sft=[s["text"] for s in theirs]))
-        write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        print(f"held-out prompts ({len(prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
-              f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length "
-              f"{fmean(summary['response_len']):.1f} tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic "
-              f"val loss {fmean(generic_before):.4f} -> {fmean(summary['generic_val_losses_after']):.4f}\n"
-              "not available: "
-              + "; ".join(f"{k}: {v}" for k, v in unavailable.items()) + "\nexample:\n" + summary["examples"][0])
-        raise SystemExit(0)
-
-    # -----------------------------------------------------------------------------
-    # the final summary: the gold judge on held-out prompts, against the SFT model's samples
-    eval_tasks = prompt_set(args.eval_set, args.n_eval, args.seed)
-    n = args.eval_samples
-    t0 = time.time()
+    # the final summary, on the held-out prompts: the policy's samples beside the SFT model's (those sft.py wrote
+    # for these prompts, else sampled here the same way): the reward model's scores and the lengths of both, the
+    # KL to SFT, the generic-text loss before and after; where the world's gold judge is, its verdicts and the
+    # simulated labelers' win rate against SFT, sample by sample (your prompts have no hidden tests, no labeler)
+    n, t0 = args.eval_samples, time.time()
+    sft_path = os.path.join(os.path.dirname(args.sft), f"samples_{args.eval_set}.json")
     with autocast:
-        ours, samples = evaluate_policy(policy, enc, eval_tasks, n, args.temperature, args.max_new_tokens, args.seed)
-    sft_samples_path = os.path.join(os.path.dirname(args.sft), f"samples_{args.eval_set}.json")
-    if os.path.exists(sft_samples_path):  # written by sft.py: the samples every row of the report compares to
-        with open(sft_samples_path) as f:
-            sft_samples = json.load(f)["samples"]
-    else:  # e.g. dev prompts while choosing settings: sample the reference the same way
-        with autocast:
-            sft_samples = evaluate_policy(reference, enc, eval_tasks, n, args.temperature, args.max_new_tokens,
-                                          args.seed)[1]
-    n_sft = len(sft_samples) // len(eval_tasks)
-    labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
-                                             n, n_sft, random.Random(args.seed + LABELER_SEED))
-    kls = kl_per_response([encode_chat(enc, t.prompt)[0] for t in eval_tasks for _ in range(n)], samples)
-    summary = dict(sampled={k: ours["sampled"][k] for k in ("passed", "utility", "violated", "hacked")},
-                   greedy_passed=ours["greedy"]["passed"], labeler_wins=labeler_wins, noiseless_wins=noiseless_wins,
-                   kl=kls, generic_val_losses_before=generic_before,
-                   generic_val_losses_after=generic_val_losses(policy),
-                   eval_set=args.eval_set, n_eval=args.n_eval, eval_samples=n, sft_samples=n_sft, reward=args.reward,
+        samples = sample_responses(policy, enc, eval_prompts, n, args.temperature, args.max_new_tokens,
+                                   torch.Generator().manual_seed(args.seed))
+        if eval_tasks and os.path.exists(sft_path):  # the samples every row of the report compares to
+            with open(sft_path) as f:
+                sft_samples = json.load(f)["samples"]
+        else:
+            sft_samples = sample_responses(reference, enc, eval_prompts, n, args.temperature, args.max_new_tokens,
+                                           torch.Generator().manual_seed(args.seed))
+        n_sft = len(sft_samples) // len(eval_prompts)
+        rm_ours, rm_sft = (score_responses(reward_model, rule_model, [p + s["tokens"] for p, s in zip(
+            [p for p in eval_prompts for _ in range(k)], ss)], pad_id)[0].tolist()
+            for ss, k in ((samples, n), (sft_samples, n_sft)))
+    kls = kl_per_response(policy, reference, [p for p in eval_prompts for _ in range(n)], samples, pad_id,
+                          args.temperature, autocast)  # outside autocast: it enters it itself
+    summary = dict(kl=kls, rm_score=rm_ours, rm_score_sft=rm_sft, response_len=[len(s["tokens"]) for s in samples],
+                   response_len_sft=[len(s["tokens"]) for s in sft_samples], ended=[s["ended"] for s in samples],
+                   generic_val_losses_before=generic_before,
+                   generic_val_losses_after=generic_val_losses(policy, generic_val, autocast),
+                   n_eval=len(eval_prompts), eval_samples=n, sft_samples=n_sft, reward=args.reward,
                    advantage=args.advantage, ptx_coef=args.ptx_coef, beta=args.beta, kl_target=args.kl_target,
-                   kl_horizon=args.kl_horizon, seconds=t_phase, train_seconds=sum(t_phase.values()),
-                   eval_seconds=time.time() - t0, iterations=args.iterations,
+                   kl_horizon=args.kl_horizon, rule_model=rule_model is not None, seconds=t_phase,
+                   train_seconds=sum(t_phase.values()), iterations=args.iterations,
                    episodes=args.iterations * args.rollout_batch, examples=[s["text"] for s in samples[:n * 3:n]])
-    write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
-        n_samples=n, prompts=[t.prompt for t in eval_tasks],
-        samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
+    if eval_tasks:
+        judged = judge_responses([t for t in eval_tasks for _ in range(n)], samples, fresh=True)
+        if "utility" not in sft_samples[0]:  # sampled here: judged the same way
+            judge_responses([t for t in eval_tasks for _ in range(n_sft)], sft_samples, fresh=True)
+        with autocast:
+            greedy = sample_responses(policy, enc, eval_prompts, 1, 0.0, args.max_new_tokens)
+        labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
+                                                 n, n_sft, random.Random(args.seed + LABELER_SEED))
+        summary.update(sampled={k: judged[k] for k in ("passed", "utility", "violated", "hacked")},
+                       greedy_passed=judge_responses(eval_tasks, greedy)["passed"], labeler_wins=labeler_wins,
+                       noiseless_wins=noiseless_wins, eval_set=args.eval_set)
+        write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
+            n_samples=n, prompts=[t.prompt for t in eval_tasks],
+            samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
+    else:
+        summary.update(prompts=args.prompts, n_skipped=n_skipped, unavailable={
+            "gold judge (pass@1, utility, violations, hack rate)": "your prompts have no hidden tests",
+            "win rate vs SFT": "no simulated labeler knows your preference (the RM's score of SFT's samples stands "
+                               "beside)", **({} if rule_model else {"rule term": "no rules.pt in --reward_dir"})})
+        write_json(os.path.join(args.out_dir, "samples_heldout.json"), dict(  # for a judge of your own
+            prompts=[enc.decode(p) for p in eval_prompts], n_samples=n, ppo=[s["text"] for s in samples],
+            sft=[s["text"] for s in sft_samples]))
+    summary["eval_seconds"] = time.time() - t0
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    print(f"{args.eval_set} samples: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
-          f"(noiseless) | pass@1 {ours['sampled']['pass1']:.1%} | utility {ours['sampled']['mean_utility']:+.3f} | "
-          f"violations {ours['sampled']['violation_rate']:.1%} | hacked {ours['sampled']['hack_rate']:.1%} | "
-          f"KL to SFT {fmean(kls):.2f} nats | generic val loss {fmean(generic_before):.4f} -> "
+    print(f"held-out prompts ({len(eval_prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
+          f"{fmean(rm_sft):+.3f}) | KL to SFT {fmean(kls):.2f} nats | length {fmean(summary['response_len']):.1f} "
+          f"tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic val loss {fmean(generic_before):.4f} -> "
           f"{fmean(summary['generic_val_losses_after']):.4f}")
+    if eval_tasks:
+        print(f"{args.eval_set}: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
+              f"(noiseless) | pass@1 {judged['pass1']:.1%} | utility {judged['mean_utility']:+.3f} | violations "
+              f"{judged['violation_rate']:.1%} | hacked {judged['hack_rate']:.1%}")
+    for what, why in summary.get("unavailable", {}).items():
+        print(f"not available: {what}: {why}")
+    print("example:\n" + summary["examples"][0])

@@ -14,7 +14,6 @@ Ctrl-C saves at the end of the current step; the same command resumes from out_d
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -22,8 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
-                    nonneg_float, nonneg_int, parse_args, peak_flops, positive_float, positive_int, setup_device,
+from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, fraction, log_metrics, nonneg_float,
+                    nonneg_int, parse_args, peak_flops, positive_float, positive_int, print0, setup_device,
                     setup_distributed, synchronize, trim_log, write_json)
 from data import SPECIAL_TOKENS, get_batch, load_tokenizer, load_tokens
 from model import (ATTENTION_PATHS, GPT, GPTConfig, induction_test, load_checkpoint, model_from_checkpoint,
@@ -110,8 +109,6 @@ if __name__ == "__main__":
     # evaluates and saves; every rank draws the same batches and trains on its share of them
     rank, world, device_name = setup_distributed(args.device)
     master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
     device, autocast = setup_device(device_name, args.dtype)
     use_compile = device.type == "cuda" if args.compile is None else bool(args.compile)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -135,8 +132,8 @@ if __name__ == "__main__":
     # model's prior competes hardest with the copy
     counts = np.bincount(train_data[:10_000_000], minlength=enc.n_vocab)[:n_ordinary]
     pools = dict(all=torch.arange(n_ordinary), frequent=torch.from_numpy(np.argsort(-counts)[:N_FREQUENT].copy()))
-    print(f"data: {len(train_data):,} train / {len(val_data):,} val tokens | {grad_accum_steps} micro-steps "
-          f"of {tokens_per_micro:,} tokens per step" + (f", {grad_accum_steps // world} on each of {world} ranks"
+    print0(f"data: {len(train_data):,} train / {len(val_data):,} val tokens | {grad_accum_steps} micro-steps "
+           f"of {tokens_per_micro:,} tokens per step" + (f", {grad_accum_steps // world} on each of {world} ranks"
                                                          if world > 1 else ""))
 
     # -----------------------------------------------------------------------------
@@ -147,25 +144,25 @@ if __name__ == "__main__":
     if os.path.exists(ckpt_path):
         resume = load_checkpoint(ckpt_path, ["pretrain"], enc, device)
         if resume["finished"]:
-            print(f"{ckpt_path} finished at step {resume['step']}; delete {args.out_dir} to train again")
+            print0(f"{ckpt_path} finished at step {resume['step']}; delete {args.out_dir} to train again")
             raise SystemExit(0)
         model = model_from_checkpoint(resume, device, attn=args.attn)
         start_step, elapsed = resume["step"], resume["elapsed"]
         batch_rng.set_state(resume["batch_rng"])
         torch.set_rng_state(resume["torch_rng"])
         trim_log(log_path, "step", start_step)
-        print(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {ckpt_path} at step {start_step}")
     elif args.init_from:
         parent = load_checkpoint(args.init_from, ["pretrain"], enc, device)
         model = model_from_checkpoint(parent, device, attn=args.attn, dropout=args.dropout)
-        print(f"model shape inherited from {args.init_from}: " +
-              " ".join(f"{k}={parent['model_args'][k]}" for k in MODEL_FLAGS))
+        print0(f"model shape inherited from {args.init_from}: " +
+               " ".join(f"{k}={parent['model_args'][k]}" for k in MODEL_FLAGS))
     else:
         model = GPT(GPTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS}, vocab_size=enc.n_vocab,
                               attn=args.attn)).to(device)
     if model.config.block_size < args.block_size:
         raise ValueError(f"block_size {args.block_size} exceeds the model's {model.config.block_size}")
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding: without wpe)")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters (non-embedding: without wpe)")
     raw_model = model  # checkpoints save this one, never the compiled or distributed wrapper
     if use_compile:
         model = torch.compile(model)
@@ -204,8 +201,8 @@ if __name__ == "__main__":
     # the loop
     flops_per_step = raw_model.flops_per_token(args.block_size) * args.total_batch_tokens
     peak, peak_source = peak_flops(device, args.peak_flops, getattr(autocast, "fast_dtype", None))  # matmuls' dtype
-    print(f"MFU is model FLOPs ({flops_per_step / args.total_batch_tokens / 1e6:.1f} MFLOP/token) over "
-          f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
+    print0(f"MFU is model FLOPs ({flops_per_step / args.total_batch_tokens / 1e6:.1f} MFLOP/token) over "
+           f"{peak / 1e12:.3f} TFLOP/s peak ({peak_source})")
     stop = StopFlag()
     progress = tqdm(range(start_step, args.max_steps + 1), initial=start_step, total=args.max_steps + 1,
                     desc=os.path.basename(args.out_dir), dynamic_ncols=True, disable=not master)
@@ -215,7 +212,7 @@ if __name__ == "__main__":
         if any_rank(stop.stop, world, device):
             if master:
                 save(step, finished=False)
-            print(f"saved {ckpt_path} at step {step}; run the same command to resume")
+            print0(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
         if master and (step % args.eval_interval == 0 or last_step):
             val_batches = val_losses()
@@ -241,7 +238,12 @@ if __name__ == "__main__":
                 _, loss = model(x, y)
             (loss / (grad_accum_steps // world)).backward()  # the mean over the step's tokens, after DDP's average
         lr_share = cosine_lr(step, args.warmup_steps, args.max_steps)
-        norm = clip_and_step(raw_model, optimizer, lr_share, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        check_finite(norm)  # a diverged loss stops the run here, before the step spreads it into the weights
+        for group in optimizer.param_groups:  # each group's own peak (Muon's matrices have theirs) times the schedule
+            group["lr"] = group["base_lr"] * lr_share
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -271,5 +273,5 @@ if __name__ == "__main__":
                    train_seconds=elapsed, ranks=world, init_from=args.init_from,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else device.type)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    print(f"done: val loss {val:.4f} | {summary['tok_per_s']:,.0f} tok/s | mfu {summary['mfu'] * 100:.1f}% | "
-          f"{elapsed / 60:.1f} min training")
+    print0(f"done: val loss {val:.4f} | {summary['tok_per_s']:,.0f} tok/s | mfu {summary['mfu'] * 100:.1f}% | "
+           f"{elapsed / 60:.1f} min training")

@@ -33,7 +33,6 @@ import itertools
 import json
 import os
 import random
-import sys
 import time
 from statistics import fmean
 
@@ -42,8 +41,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, clip_and_step, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
-                    positive_float, positive_int, setup_device, setup_distributed, write_json)
+from common import (HelpFormatter, check_finite, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
+                    positive_float, positive_int, print0, setup_device, setup_distributed, write_json)
 from data import EOT, encode_chat, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
 from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
@@ -168,8 +167,6 @@ if __name__ == "__main__":
     # evaluates and saves; every rank trains on its share of each step's prompts
     rank, world, device_name = setup_distributed(args.device)
     master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
     device, autocast = setup_device(device_name, args.dtype)
     if args.prompts_per_step % world:
         raise ValueError(f"--prompts_per_step {args.prompts_per_step} does not divide among {world} ranks")
@@ -178,20 +175,26 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # -----------------------------------------------------------------------------
-    # data: sample, judge, rank and probe (cached)
+    # data: sample, judge, rank and probe (cached); the sequences normalization makes score 0 on average
     enc = load_tokenizer(args.tokenizer)
     pad_id = enc.encode_single_token(EOT)
     sft_ckpt = load_checkpoint(args.sft, ["sft"], enc, device)
-    if args.pairs:  # yours: a record per pair, K = 2 with the chosen first; those that fit, some held out
+    if args.pairs:  # yours: a record per pair, K = 2 with the chosen first; those that fit, some held out; no
+        # demonstrator (every response of the training pairs scores 0 on average) and no rule labels (no rule model)
         pairs = [[encode_conversation(enc, c)[0] for c in pair] for pair in read_pairs(args.pairs)]
         records = [dict(sequences=p, ranking=[0, 1]) for p in fit_block(
             pairs, [max(map(len, p)) for p in pairs], sft_ckpt["model_args"]["block_size"], args.pairs)]
         train_records, val_records = split_held_out(records, max(2, round(1 / args.val_share)) if args.val_share
                                                     else len(records))
-        n_skipped, agreement, data_seconds, args.k = len(pairs) - len(records), None, None, 2
-        print(f"data: {len(train_records)} train / {len(val_records)} held-out pairs of yours from {args.pairs} "
-              f"({n_skipped} skipped); they carry no rule labels: the rule model is not trained")
+        n_skipped, data_seconds, args.k = len(pairs) - len(records), None, 2
+        normalize_on = [s for r in train_records for s in r["sequences"]]
+        print0(f"data: {len(train_records)} train / {len(val_records)} held-out pairs of yours from {args.pairs} "
+               f"({n_skipped} skipped); they carry no rule labels: the rule model is not trained")
     else:
+        samples_path = os.path.join(os.path.dirname(args.sft), "samples_test.json")  # for best-of-n
+        if not os.path.exists(samples_path):
+            raise FileNotFoundError(f"{samples_path} not found: sft.py writes the SFT model's test samples at the "
+                                    f"end of its run, and best-of-n reranks those very samples")
         policy = model_from_checkpoint(sft_ckpt, device)
         cache, data_seconds = os.path.join(args.out_dir, "comparisons.json"), None
         if master and not os.path.exists(cache):
@@ -206,40 +209,44 @@ if __name__ == "__main__":
             torch.distributed.barrier()  # the other ranks wait for rank 0's comparisons
         with open(cache) as f:
             records = json.load(f)
-        print(f"{len(records)} prompts of comparisons in {cache}" + ("" if data_seconds else " (from an earlier run)"))
-        n_val = max(1, int(len(records) * args.val_share))
+        print0(f"{len(records)} prompts of comparisons in {cache}" + ("" if data_seconds else " (from an earlier run)"))
+        n_val, n_skipped = max(1, int(len(records) * args.val_share)), 0
         train_records, val_records = records[n_val:], records[:n_val]
+        demo_rng = random.Random(args.seed + DEMO_SEED)  # InstructGPT: the demonstrators' answers score 0
+        normalize_on = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
+                        for t in prompt_set("reward_train", args.n_prompts, args.seed)]
         agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
-        print(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
-              f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
-              f"utility on {agreement:.1%} of non-tied pairs")
+        print0(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "
+               f"{len(train_records) * args.k * (args.k - 1) // 2} train comparisons; labelers agree with the gold "
+               f"utility on {agreement:.1%} of non-tied pairs")
 
     # -----------------------------------------------------------------------------
-    # models: both trunks start as the SFT model
+    # models: both trunks start as the SFT model (your pairs: the reward model alone, without rule labels)
     reward_model = with_score_head(sft_ckpt, 1, device)
-    rule_model = None if args.pairs else with_score_head(sft_ckpt, len(RULES), device)  # your pairs: no rule labels
+    rule_model = None if args.pairs else with_score_head(sft_ckpt, len(RULES), device)
+    models = [m for m in (reward_model, rule_model) if m is not None]
 
     # -----------------------------------------------------------------------------
     # optimizers
-    reward_opt = reward_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type)
-    rule_opt = rule_model.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type) if rule_model else None
+    optimizers = [m.configure_optimizers(args.lr, 0.0, (0.9, 0.95), device.type) for m in models]
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
     @torch.no_grad()
     def score_records(recs):
-        """Preference scores (per prompt, per response) and rule probabilities (none without a rule model)."""
-        reward_model.eval(), rule_model and rule_model.eval()
-        seqs = [s for r in recs for s in r["sequences"]]
+        """Preference scores and rule probabilities (none without a rule model), per prompt, per response."""
+        for m in models:
+            m.eval()
+        seqs, k = [s for r in recs for s in r["sequences"]], len(recs[0]["sequences"])
         rewards, rule_probs = [], []
         for start in range(0, len(seqs), SCORE_BATCH):
+            chunk = seqs[start:start + SCORE_BATCH]
             with autocast:
-                rewards += last_token_scores(reward_model, seqs[start:start + SCORE_BATCH], pad_id)[:, 0].tolist()
-                rule_probs += torch.sigmoid(last_token_scores(rule_model, seqs[start:start + SCORE_BATCH],
-                                                              pad_id)).tolist() if rule_model else [[]] * len(
-                                                                  seqs[start:start + SCORE_BATCH])
-        reward_model.train(), rule_model and rule_model.train()
-        k = len(recs[0]["sequences"])
+                rewards += last_token_scores(reward_model, chunk, pad_id)[:, 0].tolist()
+                rule_probs += (torch.sigmoid(last_token_scores(rule_model, chunk, pad_id)).tolist() if rule_model
+                               else [[]] * len(chunk))
+        for m in models:
+            m.train()
         return ([rewards[i:i + k] for i in range(0, len(rewards), k)],
                 [rule_probs[i:i + k] for i in range(0, len(rule_probs), k)])
 
@@ -260,11 +267,11 @@ if __name__ == "__main__":
     order_rng = random.Random(args.seed)
     order = []
     t0 = time.time()
-    reward_model.train(), rule_model and rule_model.train()
-    train_reward, train_rule = reward_model, rule_model
-    if world > 1:  # each averages its gradients over the ranks in backward
-        train_reward, train_rule = (m and DistributedDataParallel(m, broadcast_buffers=False)
-                                    for m in (reward_model, rule_model))
+    for m in models:
+        m.train()
+    # under torchrun each averages its gradients over the ranks in backward
+    train_reward, train_rule = (m and DistributedDataParallel(m, broadcast_buffers=False) if world > 1 else m
+                                for m in (reward_model, rule_model))
     for step in tqdm(range(max_steps + 1), desc="reward", dynamic_ncols=True, disable=not master):
         last_step = step == max_steps
         if master and (step % eval_every == 0 or last_step):
@@ -297,9 +304,13 @@ if __name__ == "__main__":
             rule_loss = F.binary_cross_entropy_with_logits(rule_logits, labels)
         (pref_loss + rule_loss).backward()  # two separate models: each gets only its own loss's gradient
         lr_share = cosine_lr(step, max(1, int(max_steps * args.warmup_share)), max_steps)
-        clip_and_step(reward_model, reward_opt, lr_share, args.grad_clip)
-        if rule_model is not None:
-            clip_and_step(rule_model, rule_opt, lr_share, args.grad_clip)
+        for m, optimizer in zip(models, optimizers):
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), args.grad_clip or float("inf"))
+            check_finite(norm)  # a diverged loss stops the run here, before the step spreads it into the weights
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_share
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if master and step % args.log_interval == 0:
             log_metrics(log_path, step=step, pref_loss=pref_loss.item(),
                         **({} if args.pairs else dict(rule_loss=rule_loss.item())), lr=args.lr * lr_share)
@@ -310,16 +321,7 @@ if __name__ == "__main__":
         torch.distributed.destroy_process_group()
     if not master:
         raise SystemExit(0)
-
-    # normalize: the demonstrators' answers to the training prompts score 0 on average (InstructGPT)
-    if args.pairs:  # yours have no demonstrator: every response of the training pairs scores 0 on average
-        demos = [s for r in train_records for s in r["sequences"]]
-    else:
-        demo_rng = random.Random(args.seed + DEMO_SEED)
-        demo_tasks = prompt_set("reward_train", args.n_prompts, args.seed)
-        demos = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
-                 for t in demo_tasks]
-    offset = normalize_reward(reward_model, demos, pad_id, autocast)
+    offset = normalize_reward(reward_model, normalize_on, pad_id, autocast)
     save_checkpoint(os.path.join(args.out_dir, "reward.pt"), reward_model, "reward", enc, config=vars(args),
                     normalization=offset)
     rules_path = os.path.join(args.out_dir, "rules.pt")
@@ -329,52 +331,48 @@ if __name__ == "__main__":
         os.remove(rules_path)
 
     # -----------------------------------------------------------------------------
-    # the final summary: accuracies, then best-of-n judged by the gold judge
-    val_scores, val_rules = score_records(val_records)
-    if args.pairs:  # yours: held-out accuracy against your labels, the one judge there is
-        summary = dict(pairs=args.pairs, val_acc=pair_accuracy(val_scores, val_records, "ranking"),
-                       val_pairs=pair_outcomes(val_scores, val_records, "ranking"), normalization=offset,
-                       n_train_pairs=len(train_records), n_val_pairs=len(val_records), n_skipped=n_skipped,
-                       epochs=args.epochs, train_seconds=train_seconds, rule_model=False, unavailable={
-                           "rule model": "your pairs carry no rule labels, so it was not trained (no rules.pt)",
-                           "gold accuracy and best-of-n": "the gold judge knows the world's tasks, not your "
-                           "preference (chat.py --best_of N --reward_dir reranks with any reward model)"})
-        write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        print(f"reward model: held-out pair accuracy {summary['val_acc']:.1%} on {len(val_records)} of your pairs "
-              f"(chance: 50%) | not available: " + "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
-        raise SystemExit(0)
+    # the final summary: held-out pairwise accuracy against the labels learned (the labelers', or yours); where
+    # the world's gold judge is, against the gold order and the gold rule checker, and best-of-n over the SFT
+    # model's own test samples, judged (sft.py wrote them): the proxy reward and the gold utility as n grows
     t0 = time.time()
-    samples_path = os.path.join(os.path.dirname(args.sft), "samples_test.json")
-    if not os.path.exists(samples_path):
-        raise FileNotFoundError(f"{samples_path} not found: sft.py writes the SFT model's test samples at the end "
-                                f"of its run, and best-of-n reranks those very samples")
-    with open(samples_path) as f:
-        sft_samples = json.load(f)
-    n_per_prompt = sft_samples["n_samples"]
-    if max(args.best_of) > n_per_prompt:
-        raise ValueError(f"--best_of {max(args.best_of)} needs that many SFT samples per test prompt; sft.py wrote "
-                         f"{n_per_prompt} (sft.py --n_samples)")
-    groups = [sft_samples["samples"][i:i + n_per_prompt] for i in range(0, len(sft_samples["samples"]), n_per_prompt)]
-    scores, rule_probs = score_records([dict(sequences=[prompt + s["tokens"] for s in group])
-                                        for prompt, group in zip(sft_samples["prompts"], groups)])
-    rows = []
-    for n in args.best_of:
-        picks = best_of_n(scores, rule_probs, n)  # the gold verdicts came with the samples
-        picked = [group[j] for group, j in zip(groups, picks)]
-        rows.append(dict(n=n, proxy_reward=fmean(s[j] for s, j in zip(scores, picks)),
-                         **{key: [s[key] for s in picked] for key in ("utility", "passed", "violated")}))
-        print(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
-              f"{fmean(rows[-1]['utility']):+.3f} | pass@1 {fmean(rows[-1]['passed']):.1%} | violations "
-              f"{fmean(rows[-1]['violated']):.1%}")
-    summary = dict(labeler_agreement=agreement, val_pairs_labeler=pair_outcomes(val_scores, val_records, "ranking"),
-                   val_pairs_gold=pair_outcomes(val_scores, val_records, "utilities"),
-                   val_acc_labeler=pair_accuracy(val_scores, val_records, "ranking"),
-                   val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
-                   val_rule_acc=rule_accuracy(val_rules, val_records), normalization=offset,
-                   n_train_prompts=len(train_records), n_val_prompts=len(val_records), k=args.k, epochs=args.epochs,
-                   data_seconds=data_seconds,
-                   rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
-                   train_seconds=train_seconds, best_of_n=rows, best_of_n_seconds=time.time() - t0)
+    val_scores, val_rules = score_records(val_records)
+    summary = dict(val_acc=pair_accuracy(val_scores, val_records, "ranking"),
+                   val_pairs=pair_outcomes(val_scores, val_records, "ranking"), normalization=offset,
+                   n_train_prompts=len(train_records), n_val_prompts=len(val_records), n_skipped=n_skipped, k=args.k,
+                   epochs=args.epochs, train_seconds=train_seconds, rule_model=rule_model is not None)
+    if args.pairs:
+        summary.update(pairs=args.pairs, unavailable={
+            "rule model": "your pairs carry no rule labels, so it was not trained (no rules.pt)",
+            "gold accuracy and best-of-n": "the gold judge knows the world's tasks, not your preference (chat.py "
+                                           "--best_of N --reward_dir reranks with any reward model)"})
+    else:
+        with open(samples_path) as f:
+            sft_samples = json.load(f)
+        n_per_prompt = sft_samples["n_samples"]
+        if max(args.best_of) > n_per_prompt:
+            raise ValueError(f"--best_of {max(args.best_of)} needs that many SFT samples per test prompt; sft.py "
+                             f"wrote {n_per_prompt} (sft.py --n_samples)")
+        groups = [sft_samples["samples"][i:i + n_per_prompt] for i in range(0, len(sft_samples["samples"]),
+                                                                            n_per_prompt)]
+        scores, rule_probs = score_records([dict(sequences=[prompt + s["tokens"] for s in group])
+                                            for prompt, group in zip(sft_samples["prompts"], groups)])
+        rows = []
+        for n in args.best_of:
+            picks = best_of_n(scores, rule_probs, n)  # the gold verdicts came with the samples
+            picked = [group[j] for group, j in zip(groups, picks)]
+            rows.append(dict(n=n, proxy_reward=fmean(s[j] for s, j in zip(scores, picks)),
+                             **{key: [s[key] for s in picked] for key in ("utility", "passed", "violated")}))
+            print0(f"best-of-{n:<3d}: proxy reward {rows[-1]['proxy_reward']:+.3f} | gold utility "
+                   f"{fmean(rows[-1]['utility']):+.3f} | pass@1 {fmean(rows[-1]['passed']):.1%} | violations "
+                   f"{fmean(rows[-1]['violated']):.1%}")
+        summary.update(labeler_agreement=agreement, val_pairs_gold=pair_outcomes(val_scores, val_records, "utilities"),
+                       val_acc_gold=pair_accuracy(val_scores, val_records, "utilities"),
+                       val_rule_acc=rule_accuracy(val_rules, val_records), data_seconds=data_seconds,
+                       rollouts_per_s=len(records) * args.k / data_seconds if data_seconds else None,
+                       best_of_n=rows, best_of_n_seconds=time.time() - t0)
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    print(f"reward model: held-out pair accuracy {summary['val_acc_labeler']:.1%} vs labelers, "
-          f"{summary['val_acc_gold']:.1%} vs gold; labelers agree with gold on {agreement:.1%}")
+    print0(f"reward model: held-out pair accuracy {summary['val_acc']:.1%} vs "
+           + (f"your labels on {len(val_records)} of your pairs (chance: 50%)" if args.pairs else
+              f"labelers, {summary['val_acc_gold']:.1%} vs gold; labelers agree with gold on {agreement:.1%}"))
+    for what, why in summary.get("unavailable", {}).items():
+        print0(f"not available: {what}: {why}")

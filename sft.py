@@ -31,7 +31,6 @@ as we like) without dropout, and keep the last checkpoint.
 import argparse
 import os
 import random
-import sys
 import time
 from statistics import fmean
 
@@ -39,14 +38,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, any_rank, clip_and_step, cosine_lr, fraction, log_metrics,
-                    nonneg_float, nonneg_int, parse_args, positive_float, positive_int, setup_device,
+from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, fraction, log_metrics,
+                    nonneg_float, nonneg_int, parse_args, print0, positive_float, positive_int, setup_device,
                     setup_distributed, synchronize, trim_log, write_json)
 from data import (ASSISTANT, EOT, chat_batch, encode_chat, encode_conversation, fit_block, load_tokenizer, read_demos,
                   split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set, sample_responses
-from tools import demonstrate_fact, evaluate_facts, load_index, make_questions
+from tasks import (N_SHOTS, demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set,
+                   sample_responses)
+from tools import demonstrate_fact, evaluate_facts, load_index, question_set
 
 PRESETS = {
     "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
@@ -57,7 +57,6 @@ PRESETS = {
                 n_samples=64, n_fact_eval=446),
 }
 N_VAL = 256  # held-out demonstrations for the validation loss
-FACT_SEED, FACT_EVAL_SEED = 50, 51  # seed offsets: fact questions for training, held-out ones for the judge
 FACT_MAX_NEW_TOKENS = 200  # a tool result alone can take 100 tokens
 LENGTH_WINDOW = 50  # batches per window sorted by length (length_grouped_batches)
 
@@ -106,7 +105,8 @@ if __name__ == "__main__":
     parser.add_argument("--save_interval", type=positive_int, default=250, help="steps between checkpoints")
     parser.add_argument("--n_eval", type=positive_int, help="held-out prompts per evaluation")
     parser.add_argument("--n_samples", type=positive_int, help="samples per prompt for pass@k and reranking")
-    parser.add_argument("--n_shots", type=positive_int, default=2, help="worked examples in the base model's prompt")
+    parser.add_argument("--n_shots", type=positive_int, default=N_SHOTS, help="worked examples in the base model's "
+                        "prompt")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest answer in the evaluation")
     parser.add_argument("--n_fact_eval", type=positive_int, help="held-out factual questions in the evaluation")
     parser.add_argument("--eval", default="all", choices=("all", "facts"), help="the whole evaluation, or the factual "
@@ -123,8 +123,6 @@ if __name__ == "__main__":
     # every rank draws the same batches and trains on its share of each
     rank, world, device_name = setup_distributed(args.device)
     master = rank == 0
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one rank's prints are enough
     device, autocast = setup_device(device_name, args.dtype)
     if args.batch_size % world:
         raise ValueError(f"--batch_size {args.batch_size} does not divide among {world} ranks")
@@ -132,17 +130,19 @@ if __name__ == "__main__":
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
 
     # -----------------------------------------------------------------------------
-    # data: a demonstration for every training task and factual question; validation on dev compositions
+    # data: a demonstration for every training task and factual question; validation on dev compositions;
+    # the judged sets: held-out test requests and factual questions about held-out modules
     enc = load_tokenizer(args.tokenizer)
-    if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out
+    if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out;
+        # no hidden tests and no factual questions, so no judged sets: the held-out loss is their judge
         block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
         demos = [encode_conversation(enc, turns) for path in args.demos for turns in read_demos(path)]
         train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
                                                                 " + ".join(args.demos)))
-        n_skipped = len(demos) - len(train_examples) - len(val_examples)
-        print(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
-              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
-              f"{n_skipped} skipped")
+        n_skipped, facts, test_tasks, fact_questions = len(demos) - len(train_examples) - len(val_examples), [], [], []
+        print0(f"data: {len(train_examples)} of your demonstrations from {' + '.join(args.demos)}, mean "
+               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held out for validation; "
+               f"{n_skipped} skipped")
     else:
         rng = random.Random(args.seed)
         train_tasks = prompt_set("sft_train", args.n_train, args.seed)
@@ -151,12 +151,14 @@ if __name__ == "__main__":
         val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
         train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
         docs = load_index(args.docs_index)
-        facts = make_questions(docs, "train", args.n_facts, args.seed + FACT_SEED) if args.n_facts else []
+        facts = question_set(docs, "sft_train", args.n_facts, args.seed) if args.n_facts else []
         train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
+        test_tasks = prompt_set("test", args.n_eval, args.seed) if args.eval == "all" else []  # facts: closed-book's
+        fact_questions, n_skipped = question_set(docs, "sft_eval", args.n_fact_eval, args.seed), 0
         demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
-        print(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
-              f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
-              f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
+        print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
+               f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
+               f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
     pad_id = enc.encode_single_token(EOT)
 
     # -----------------------------------------------------------------------------
@@ -167,8 +169,8 @@ if __name__ == "__main__":
     resume = load_checkpoint(ckpt_path, ["sft"], enc, device) if os.path.exists(ckpt_path) else None
     parent = load_checkpoint(args.init_from, ["pretrain"], enc, device)
     model = model_from_checkpoint(resume or parent, device)
-    print(f"model shape inherited from {args.init_from}: " +
-          " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
+    print0(f"model shape inherited from {args.init_from}: " +
+           " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
     too_long = sum(len(t) > model.config.block_size for t, _ in train_examples + val_examples)  # never cut silently
     if too_long:
         raise ValueError(f"{too_long} demonstrations exceed the model's block_size {model.config.block_size}: "
@@ -184,7 +186,7 @@ if __name__ == "__main__":
         batch_rng.setstate(resume["batch_rng"])
         batches = resume["batches"]
         trim_log(log_path, "step", start_step)
-        print(f"resuming {ckpt_path} at step {start_step}")
+        print0(f"resuming {ckpt_path} at step {start_step}")
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
@@ -215,12 +217,12 @@ if __name__ == "__main__":
         if any_rank(stop.stop, world, device):
             if master:
                 save(step, finished=False)
-            print(f"saved {ckpt_path} at step {step}; run the same command to resume")
+            print0(f"saved {ckpt_path} at step {step}; run the same command to resume")
             raise SystemExit(130)
         if master and (step % args.eval_interval == 0 or last_step):
-            loss = val_loss()
-            log_metrics(log_path, step=step, val_loss=loss)
-            tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {loss:.4f}")
+            val = val_loss()
+            log_metrics(log_path, step=step, val_loss=val)
+            tqdm.write(f"step {step:5d}/{args.max_steps} | val loss {val:.4f}")
         if master and (last_step or (step > start_step and step % args.save_interval == 0)):
             save(step, finished=last_step)
         if last_step:
@@ -239,13 +241,18 @@ if __name__ == "__main__":
         n_batch = sum(sum(train_examples[i][1][1:]) for i in batch)
         (loss * (int((y >= 0).sum()) * world / n_batch)).backward()
         lr_share = cosine_lr(step, args.warmup_steps, args.max_steps)
-        norm = clip_and_step(model, optimizer, lr_share, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+        check_finite(norm)  # a diverged loss stops the run here, before the step spreads it into the weights
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_share
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         dt = time.perf_counter() - t0
         if master and step % args.log_interval == 0:
             tokens = int((y >= 0).sum())
-            log_metrics(log_path, step=step, loss=loss.item(), lr=args.lr * lr_share, grad_norm=norm.item(), ms=dt * 1000,
-                        assistant_tok_per_s=tokens / dt)
+            log_metrics(log_path, step=step, loss=loss.item(), lr=args.lr * lr_share, grad_norm=norm.item(),
+                        ms=dt * 1000, assistant_tok_per_s=tokens / dt)
             tqdm.write(f"step {step:5d}/{args.max_steps} | loss {loss.item():.4f} | lr {args.lr * lr_share:.1e} | "
                        f"norm {norm.item():6.3f} | {dt * 1000:6.1f} ms | {tokens / dt:8,.0f} assistant tok/s")
     train_seconds = time.time() - t_start
@@ -255,68 +262,55 @@ if __name__ == "__main__":
         raise SystemExit(0)
 
     # -----------------------------------------------------------------------------
-    # the final summary on your own demonstrations: no hidden tests, so no gold judge; the loss on the held-out
-    # ones, and the model's greedy answers to their last requests (each cut after its last <|assistant|>)
-    if args.demos:
-        assistant_id = enc.encode_single_token(ASSISTANT)
-        prompts = [t[:len(t) - t[::-1].index(assistant_id)] for t, _ in val_examples]
-        with autocast:
-            answers = sample_responses(model, enc, [p for p in prompts if len(p) + args.max_new_tokens <=
-                                                    model.config.block_size][:3], 1, 0.0, args.max_new_tokens)
-        summary = dict(demos=args.demos, val_loss=val_loss(), n_train=len(train_examples), n_val=len(val_examples),
-                       n_skipped=n_skipped, train_seconds=train_seconds, examples=[a["text"] for a in answers],
-                       unavailable={"gold judge (pass@k, reranking, few-shot base)": "your demonstrations have no "
-                                    "hidden tests", "factual accuracy": "they are not the toolset's questions"})
-        write_json(os.path.join(args.out_dir, "summary.json"), summary)
-        print(f"held-out demonstrations ({len(val_examples)}): loss {summary['val_loss']:.4f} | not available: " +
-              "; ".join(f"{k}: {v}" for k, v in summary["unavailable"].items()))
-        print("example:\n" + "\n---\n".join(summary["examples"]))
-        raise SystemExit(0)
-
-    # -----------------------------------------------------------------------------
-    # the final summary: the gold judge on held-out prompts, the few-shot base model, the toolset
+    # the final summary: the held-out loss and greedy answers to held-out requests (each demonstration cut after
+    # its last <|assistant|>); the gold judge where the data has one: pass@1, pass@k, reranking and the base
+    # model prompted few-shot on the test requests, accuracy and attribution on the factual questions
     t0 = time.time()
-    test_tasks = prompt_set("test", args.n_eval, args.seed)
-    unseen = prompt_set("unseen_train", args.n_eval, args.seed)
-    fact_questions = make_questions(docs, "heldout", args.n_fact_eval, args.seed + FACT_EVAL_SEED)
-    fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
-                                                                           for q in fact_questions))
-    if args.eval == "facts":  # the closed-book baseline: only the questions it is a baseline for
-        with autocast:
-            facts_result = evaluate_facts(model, enc, docs, fact_questions, fact_tokens)
-        write_json(os.path.join(args.out_dir, "summary.json"), dict(
-            facts=facts_result, n_facts=len(facts), tools=args.tools, train_seconds=train_seconds,
-            eval_seconds=time.time() - t0))
-        print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
-              f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
-        raise SystemExit(0)
+    summary = dict(val_loss=val, n_train=len(train_examples), n_val=len(val_examples), n_skipped=n_skipped,
+                   n_facts=len(facts), tools=args.tools, train_seconds=train_seconds)
+    assistant_id = enc.encode_single_token(ASSISTANT)
+    held_out = [t[:len(t) - t[::-1].index(assistant_id)] for t, _ in val_examples]
+    held_out = [p for p in held_out if len(p) + args.max_new_tokens <= model.config.block_size][:3]
     with autocast:
-        test, samples = evaluate_policy(model, enc, test_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)
-        results = dict(
-            test=test, facts=evaluate_facts(model, enc, docs, fact_questions, fact_tokens),
-            test_phrase=evaluate_policy(model, enc, prompt_set("test_phrase", args.n_eval, args.seed),
-                                        max_new_tokens=args.max_new_tokens)[0],
-            unseen_train=evaluate_policy(model, enc, unseen, max_new_tokens=args.max_new_tokens)[0],
-            few_shot_base=evaluate_few_shot(model_from_checkpoint(parent, device), enc, test_tasks,
-                                            prompt_set("few_shot", args.n_shots, args.seed)))
-    demo_evals = gold_eval_many(train_tasks[:args.n_eval], [code for code, _ in train_demos[:args.n_eval]])
-    summary = dict(results, demonstrations=dict(
-        flaw_rate_config=args.flaw_rate, flaw_rate=demo_flaw_rate, pass_rate=fmean(e["passed"] for e in demo_evals),
-        violation_rate=fmean(any(e["violations"].values()) for e in demo_evals)),
-        unseen_overlap=len({t.prompt for t in unseen} & {t.prompt for t in train_tasks}),
-        train_seconds=train_seconds, eval_seconds=time.time() - t0, n_eval=args.n_eval, n_samples=args.n_samples,
-        n_shots=args.n_shots, n_facts=len(facts), tools=args.tools)
-    # the SFT model's test samples, judged: best-of-n reranks them, every RL run is compared with them
-    write_json(os.path.join(args.out_dir, "samples_test.json"), dict(
-        n_samples=args.n_samples, prompts=[encode_chat(enc, t.prompt)[0] for t in test_tasks],
-        samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
+        summary["examples"] = [a["text"] for a in sample_responses(model, enc, held_out, 1, 0.0, args.max_new_tokens)]
+        if test_tasks:
+            test, samples = evaluate_policy(model, enc, test_tasks, args.n_samples, 1.0, args.max_new_tokens, args.seed)
+            unseen = prompt_set("unseen_train", args.n_eval, args.seed)
+            summary.update(test=test, n_eval=args.n_eval, n_samples=args.n_samples, n_shots=args.n_shots,
+                           test_phrase=evaluate_policy(model, enc, prompt_set("test_phrase", args.n_eval, args.seed),
+                                                       max_new_tokens=args.max_new_tokens)[0],
+                           unseen_train=evaluate_policy(model, enc, unseen, max_new_tokens=args.max_new_tokens)[0],
+                           unseen_overlap=len({t.prompt for t in unseen} & {t.prompt for t in train_tasks}),
+                           few_shot_base=evaluate_few_shot(model_from_checkpoint(parent, device), enc, test_tasks,
+                                                           prompt_set("few_shot", args.n_shots, args.seed)))
+            demo_evals = gold_eval_many(train_tasks[:args.n_eval], [code for code, _ in train_demos[:args.n_eval]])
+            summary["demonstrations"] = dict(flaw_rate_config=args.flaw_rate, flaw_rate=demo_flaw_rate,
+                                             pass_rate=fmean(e["passed"] for e in demo_evals),
+                                             violation_rate=fmean(any(e["violations"].values()) for e in demo_evals))
+            # the SFT model's test samples, judged: best-of-n reranks them, every RL run is compared with them
+            write_json(os.path.join(args.out_dir, "samples_test.json"), dict(
+                n_samples=args.n_samples, prompts=[encode_chat(enc, t.prompt)[0] for t in test_tasks],
+                samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
+        if fact_questions:
+            fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
+                                                                                   for q in fact_questions))
+            summary["facts"] = evaluate_facts(model, enc, docs, fact_questions, fact_tokens)
+    if args.demos:
+        summary.update(demos=args.demos, unavailable={
+            "gold judge (pass@k, reranking, few-shot base)": "your demonstrations have no hidden tests",
+            "factual accuracy": "they are not the toolset's questions"})
+    summary["eval_seconds"] = time.time() - t0
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
-    facts_result = results["facts"]
-    print(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
-          f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
-          f"{test['pass1_reranked_logp']:.1%} | "
-          f"few-shot base {results['few_shot_base']['pass1']:.1%} | sampled violations "
-          f"{test['sampled']['violation_rate']:.1%}")
-    print(f"held-out facts: right {fmean(facts_result['right']):.1%} | attributable "
-          f"{fmean(facts_result['attributable']):.1%} | calls per answer {fmean(facts_result['calls']):.2f}")
-    print("example:\n" + test["greedy"]["examples"][0])
+    print0(f"held-out demonstrations ({len(val_examples)}): loss {val:.4f}")
+    if test_tasks:
+        print0(f"test: pass@1 greedy {test['greedy']['pass1']:.1%} | sampled {test['sampled']['pass1']:.1%} | "
+               f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
+               f"{test['pass1_reranked_logp']:.1%} | few-shot base {summary['few_shot_base']['pass1']:.1%} | "
+               f"sampled violations {test['sampled']['violation_rate']:.1%}")
+    if fact_questions:
+        f = summary["facts"]
+        print0(f"held-out facts: right {fmean(f['right']):.1%} | attributable {fmean(f['attributable']):.1%} | "
+               f"calls per answer {fmean(f['calls']):.2f}")
+    for what, why in summary.get("unavailable", {}).items():
+        print0(f"not available: {what}: {why}")
+    print0("example:\n" + "\n---\n".join(summary["examples"]))

@@ -20,7 +20,6 @@ from collections import namedtuple
 from dataclasses import dataclass
 from statistics import fmean
 
-import numpy as np
 import torch
 
 from data import END, EOT, encode_chat
@@ -366,6 +365,19 @@ def compare(utility_a, utility_b, rng, noise=LABELER_NOISE):
     return labeler, 1.0 if utility_a > utility_b else 0.0 if utility_a < utility_b else 0.5
 
 
+def win_rates(ours, theirs, n_ours, n_theirs, rng):
+    """Each of our samples against the baseline's sample of the same index for the same prompt
+    (prompt-major lists of gold utilities): per comparison, the simulated labeler's verdict and
+    the noiseless one (compare, above). Returns (labeler wins, noiseless wins), lists of floats."""
+    labeler, noiseless = [], []
+    for i in range(len(ours) // n_ours):
+        for j in range(n_ours):
+            verdict = compare(ours[i * n_ours + j], theirs[i * n_theirs + j % n_theirs], rng)
+            labeler.append(verdict[0])
+            noiseless.append(verdict[1])
+    return labeler, noiseless
+
+
 def labeler_agreement(utility_lists, rng, noise=LABELER_NOISE):
     """The fraction of non-tied pairs, within each list, that a labeler orders as the utility does."""
     agree = total = 0
@@ -414,17 +426,8 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def bootstrap_ci(values, groups=None, n_boot=2000, seed=0, level=0.95):
-    """A percentile bootstrap interval for the mean of values, resampling whole groups (the samples
-    of one prompt, or one validation window) with replacement: (low, high). For a difference between
-    two policies on the same prompts, pass the per-sample differences (a paired bootstrap)."""
-    values = np.asarray(values, dtype=np.float64)
-    groups = np.arange(len(values)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    sums, counts = np.bincount(groups, weights=values), np.bincount(groups).astype(np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
-    means = sums[picks].sum(1) / counts[picks].sum(1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+N_SHOTS = 2  # worked examples in a base model's few-shot prompt (sft.py's default; chat.py's)
+FEW_SHOT_TOKENS = 80  # the longest answer a base model writes to it
 
 
 def few_shot_prompt(examples, task, solutions):
@@ -520,7 +523,7 @@ def rerank_by_logprob(samples, n_samples):
 
 
 @torch.no_grad()
-def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=80, batch_size=64):
+def evaluate_few_shot(model, enc, tasks, shots, max_new_tokens=FEW_SHOT_TOKENS, batch_size=64):
     """A base model, prompted with worked examples instead of fine-tuned: greedy pass@1."""
     texts = [few_shot_prompt(shots, t, [s.reference for s in shots]) for t in tasks]
     prompts = [enc.encode_ordinary(text)[-(model.config.block_size - max_new_tokens):] for text in texts]

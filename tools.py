@@ -33,7 +33,9 @@ from statistics import fmean
 
 import torch
 
-from data import CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, stdlib_sources
+from common import atomic_write, write_json
+from data import (CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, render_response, segments,
+                  stdlib_sources)
 from model import induction_test
 from tasks import sample_responses
 
@@ -176,9 +178,8 @@ def load_index(path=None):
     index = build_index()
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
+        with atomic_write(path) as f:
             json.dump(dict(built_by=built_by, entries=index.entries), f)
-        os.replace(f"{path}.tmp", path)
     return index
 
 # -----------------------------------------------------------------------------
@@ -271,10 +272,10 @@ def run_tool(index, call_text):
 
 
 class ToolRunner:
-    """The glue for model.generate: when a row samples CALL_END, runner(the row's response tokens so
-    far) returns the tokens to force: RESULT, the result as ordinary tokens, RESULT_END. runner.calls
-    logs every (call text, result text); per row, the decoded response holds the same calls and
-    results in place, and parse_calls reads them back."""
+    """The tools in model.generate: when a row samples CALL_END, runner(the row's response tokens so
+    far) returns the tokens to force: RESULT, the result as ordinary tokens, RESULT_END; forcing() feeds
+    them in. runner.calls logs every (call text, result text); per row, the decoded response holds the
+    same calls and results in place, and parse_calls reads them back."""
 
     def __init__(self, enc, index):
         self.enc, self.index, self.calls = enc, index, []
@@ -292,6 +293,25 @@ class ToolRunner:
             result = run_tool(self.index, call)
         self.calls.append((call, result))
         return [self.result_id, *self.enc.encode_ordinary(result), self.result_end_id]
+
+    def forcing(self, n_rows):
+        """What model.generate_stream calls at each step of one generation of n_rows prompts: force(rows,
+        tokens, logprobs) gives each row in the middle of a tool's result that result's next token instead of
+        its sample, and runs the call of a row that just sampled CALL_END (its result comes next, one token a
+        step, while the other rows keep sampling). Returns (tokens, logprobs with 0 where forced, forced)."""
+        responses, queued = [[] for _ in range(n_rows)], {}  # per prompt: its tokens so far, result tokens to come
+
+        def force(rows, tokens, logprobs):
+            tokens, forced = tokens.tolist(), [False] * len(tokens)
+            for j, row in enumerate(rows.tolist()):
+                if queued.get(row):
+                    tokens[j], forced[j] = queued[row].pop(0), True
+                responses[row].append(tokens[j])
+                if tokens[j] == self.call_end_id and not forced[j]:
+                    queued[row] = self(responses[row])
+            forced = torch.tensor(forced, device=logprobs.device)
+            return torch.tensor(tokens, device=logprobs.device), logprobs.masked_fill(forced, 0.0), forced
+        return force
 
 # -----------------------------------------------------------------------------
 # the world of factual questions, with exact answers and held-out modules
@@ -369,6 +389,21 @@ def make_questions(index, split, n, seed, kinds=KINDS):
         questions.append(Question(prompt, answer, kind, e.name, subject, evidence, f"lookup: {e.name}"))
     return questions
 
+
+# The question sets, by name: (split, offset added to the run's seed), as tasks.PROMPT_SETS for the
+# programming requests: every program draws its questions through question_set(), so that sft.py and the
+# export of its data (examples/export.py) ask the same questions by construction.
+QUESTION_SETS = {
+    'sft_train': ('train', 50),    # the factual demonstrations SFT mixes in
+    'sft_eval': ('heldout', 51),   # questions about held-out modules: what the report measures
+}
+
+
+def question_set(index, name, n, seed):
+    """The first n questions of a named question set (deterministic in name, n and seed)."""
+    split, offset = QUESTION_SETS[name]
+    return make_questions(index, split, n, seed + offset)
+
 # -----------------------------------------------------------------------------
 # demonstrations (Sparrow: the answer, then its evidence quoted) and the gold judge
 
@@ -387,21 +422,17 @@ def demonstrate_fact(index, question, use_tools):
     return [("call", question.query), ("result", run_tool(index, question.query))] + answer if use_tools else answer
 
 
-def render_response(segments):
-    """Segments as the decoded text of generated tokens: calls and results between their tokens."""
-    wrap = {"text": "{}", "call": CALL + "{}" + CALL_END, "result": RESULT + "{}" + RESULT_END}
-    return "".join(wrap[kind].format(text) for kind, text in segments)
-
-
-CALL_RE = re.compile(f"{re.escape(CALL)}(.*?){re.escape(CALL_END)}"
-                     f"(?:{re.escape(RESULT)}(.*?){re.escape(RESULT_END)})?", re.S)  # a call, and its result if any
-
-
 def parse_calls(text):
-    """(the (call, result) pairs, the answer after the last of them) of a decoded response."""
-    matches = list(CALL_RE.finditer(text))
-    answer = text[matches[-1].end():] if matches else text
-    return [(m[1], m[2]) for m in matches], answer.split(END)[0].strip()
+    """(the (call, result) pairs, the answer after the last of them) of a decoded response, read through
+    data.segments: each call with the result right after it, or None where none came."""
+    parts = segments(text)
+    calls, rest = [], 0
+    for i, (kind, call) in enumerate(parts):
+        if kind == "call":
+            result = parts[i + 1][1] if i + 1 < len(parts) and parts[i + 1][0] == "result" else None
+            calls.append((call, result))
+            rest = i + 1 + (result is not None)
+    return calls, render_response(parts[rest:]).split(END)[0].strip()
 
 
 def judge_fact(index, question, response):
@@ -458,9 +489,8 @@ if __name__ == "__main__":
     print(f"{len(index.entries):,} entries, {sum(e.heldout for e in index.entries):,} held out, "
           f"in {time.time() - t0:.1f}s")
     if args.out_dir:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(dict(entries=len(index.entries), heldout=sum(e.heldout for e in index.entries),
-                           seconds=time.time() - t0), f)
+        write_json(os.path.join(args.out_dir, "summary.json"), dict(
+            entries=len(index.entries), heldout=sum(e.heldout for e in index.entries), seconds=time.time() - t0))
     for held in (False, True):
         kinds = [f[0] for e in index.entries if e.heldout == held for f in facts_of(e)]
         print(f"{'heldout' if held else 'train'} facts: " + " | ".join(f"{k} {kinds.count(k):,}" for k in KINDS[:4]))

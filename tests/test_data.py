@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data import (ASSISTANT, END, EOT, SPECIAL_TOKENS, USER, bpe_encode, chat_batch, encode_chat, get_batch,
-                  load_tokenizer, prose_of, read_corpus, save_tokenizer, tokenizer_ranks, train_bpe)
+                  load_tokenizer, prose_of, read_corpus, save_tokenizer, tokenizer_ranks, train_bpe, train_bpe_simple)
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -27,6 +27,16 @@ def tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     save_tokenizer(path, train_bpe(sample_docs(), 600))
     return path
+
+
+def test_the_readable_trainer_and_the_fast_one_learn_the_same_merges():
+    """minbpe's loop as it reads against the heap-and-index trainer: real code and prose; a vocabulary larger
+    than the corpus has pairs for (both stop where no pair occurs twice); ties (the smallest pair first)."""
+    source = open(os.path.join(STDLIB, "textwrap.py")).read()
+    for docs, vocab_size in (([source, prose_of(source)], 400), ([prose_of(source)], 1200), (["ab cd ba dc " * 3], 300)):
+        merges = train_bpe(docs, vocab_size)
+        assert train_bpe_simple(docs, vocab_size) == merges and len(merges) > 0
+    assert train_bpe(["ab cd " * 2], 300)[0] == b" c"  # (a, b), (" ", c) and (c, d) tie: the smallest ids go first
 
 
 def tricky_texts():

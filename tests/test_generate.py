@@ -2,6 +2,7 @@
 import torch
 
 from model import GPT, GPTConfig
+from tools import ToolRunner
 
 
 def tiny():
@@ -14,11 +15,12 @@ def tiny():
     return model
 
 
-class FakeTools:
-    """A tool that answers every call with the same three tokens, and records what it was given."""
+class FakeTools(ToolRunner):
+    """A tool that answers every call with the same three tokens, and records what it was given
+    (ToolRunner.forcing, which the engine calls, forces them)."""
     result = [50, 51, 52]
 
-    def __init__(self, call_end_id):
+    def __init__(self, call_end_id):  # no tokenizer, no index: this tool never decodes a call
         self.call_end_id, self.calls = call_end_id, []
 
     def __call__(self, response):

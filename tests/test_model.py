@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, KVCache, Muon, attention, induction_test, offset_keys, orthogonalize, rotate,
-                   sample_next_token, token_logprobs)
+from model import GPT, GPTConfig, KVCache, attention, induction_test, offset_keys, rotate, sample_next_token
+from muon import Muon, orthogonalize
 
 
 def tiny(**overrides):
@@ -104,7 +104,8 @@ def test_sampled_logprobs_are_the_policys_not_the_truncated_ones():
     g = torch.Generator().manual_seed(0)
     tokens, logprobs, _, _ = model.generate([[1, 2, 3]], 5, temperature=0.7, top_k=3, generator=g)
     seq = torch.tensor([[1, 2, 3] + tokens[0].tolist()])
-    expected = token_logprobs(model(seq)[0][:, 2:-1], seq[:, 3:], temperature=0.7)
+    logits = model(seq)[0][:, 2:-1].float() / 0.7  # log p(token) under the whole softmax at the temperature
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, seq[:, 3:, None]).squeeze(-1)
     torch.testing.assert_close(logprobs, expected, rtol=1e-4, atol=1e-5)
 
 

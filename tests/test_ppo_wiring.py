@@ -15,9 +15,9 @@ import torch
 from model import GPT, Generation, GPTConfig, last_token_scores
 from ppo import (adaptive_beta, compute_gae, gae_advantages, group_advantages, minibatch_losses, pack_rollouts,
                  policy_logprobs, reward_from_tests, rollout_advantages, rollout_batch, rollout_logprobs,
-                 score_responses, token_values, win_rates)
+                 score_responses, token_values)
 from reward import normalize_reward
-from tasks import compare, make_tasks, rerank_by_logprob
+from tasks import compare, make_tasks, rerank_by_logprob, win_rates
 
 END = 49
 

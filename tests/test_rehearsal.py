@@ -3,7 +3,7 @@ preset at its shapes, on its corpus, on a CPU (the README's GPU section has its 
 rehearsal's own commands for the quick preset, in the graph's order, each run in this process (torch
 imported once) on a small corpus and documentation index with short answers: every stage with the
 rehearsal's flags, bf16 autocast everywhere and pretraining compiled by inductor (which needs gcc), end to
-end to the report. About 25 s on two cores, 55 s the first time (the compile; inductor caches it)."""
+end to the report (its own stage, the last). About 25 s on two cores, 55 s the first time (the compile; inductor caches it)."""
 import argparse
 import json
 import os
@@ -18,7 +18,7 @@ from data import is_val, prose_of
 
 def test_the_rehearsal_flags_come_last_in_every_stage():
     """Last, so that they win over a stage's own flags (the gpu preset's generic pretraining sets --max_steps)."""
-    stages = run.stage_graph(argparse.Namespace(preset="gpu", rehearse=True, extended=True, out_dir="o"))
+    stages = run.stage_graph(argparse.Namespace(preset="gpu", rehearse=True, extended=True, out_dir="o", jobs=2))
     assert set(run.REHEARSAL) <= {command[0] for _, _, command in stages}
     for name, _, command in stages:
         flags = run.REHEARSAL.get(command[0], [])
@@ -57,7 +57,6 @@ def test_the_quick_rehearsal_runs_every_stage_to_the_report(tmp_path, monkeypatc
         torch.set_autocast_enabled("cpu", False)  # so that a leak fails this test, not every training test after it
         torch.clear_autocast_cache()
     assert not leaked, "a stage left bf16 autocast on"
-    run.write_report(args, {}, 0.0)
 
     for path in ("pretrain_generic/ckpt.pt", "pretrain_domain/ckpt.pt", "sft/ckpt.pt", "reward/reward.pt",
                  "ppo/ckpt.pt"):

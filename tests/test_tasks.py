@@ -1,5 +1,5 @@
-"""The assistant world: tasks and their splits, demonstrators, rules, utility, labelers, pass@k, the
-hack rate and the intervals the report puts on every number."""
+"""The assistant world: tasks and their splits, demonstrators, rules, utility, labelers, pass@k and the
+hack rate."""
 import ast
 import hashlib
 import itertools
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import tasks
-from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, bootstrap_ci, check_rules, combo_split,
+from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, check_rules, combo_split,
                    demonstrate, execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp,
                    judge_responses, labeler_agreement, labeler_rank, make_tasks, pass_at_k, probe_rules, prompt_pool,
                    prompt_set, utility)
@@ -193,13 +193,3 @@ def test_the_hack_rate_counts_answers_that_pass_their_tests_and_fail_fresh_ones(
     judged = judge_responses([task] * 3, responses, fresh=True)
     assert judged['passed'] == [True, True, False] and [r['passed_fresh'] for r in responses] == [True, False, False]
     assert judged['hacked'] == [False, True, False] and judged['hack_rate'] == pytest.approx(1 / 3)  # wrong is no hack
-
-
-def test_intervals_resample_prompts_not_samples():
-    # 8 prompts of 25 samples each, every sample alike within its prompt: the evidence is 8 prompts, not 200 samples
-    values, groups = [float(i % 2) for i in range(8) for _ in range(25)], [i for i in range(8) for _ in range(25)]
-    low, high = bootstrap_ci(values, groups)
-    assert low < 0.25 and high > 0.75
-    low, high = bootstrap_ci(values)  # as if the 200 samples were independent: far too narrow for these data
-    assert low > 0.35 and high < 0.65
-    assert bootstrap_ci([0.25] * 6, [0, 0, 1, 1, 2, 2]) == (0.25, 0.25)

@@ -9,13 +9,13 @@ import shutil
 
 import pytest
 
-import sft
 from conftest import STDLIB, run_script, textwrap_docs
-from data import (END, SFT_FACT_SEED, DataError, encode_chat, encode_conversation, encode_response, export_world,
-                  fit_block, read_demos, read_pairs, read_prompts, split_held_out, write_tokens)
+from data import (END, DataError, encode_chat, encode_conversation, encode_response, fit_block, read_demos, read_pairs,
+                  read_prompts, split_held_out, write_tokens)
+from examples.export import export_world
 from model import GPT, GPTConfig, save_checkpoint
 from tasks import demonstrate, prompt_set
-from tools import build_index, demonstrate_fact, make_questions
+from tools import build_index, demonstrate_fact, question_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -125,7 +125,7 @@ def test_the_exported_world_reads_back_into_what_the_stages_build(tmp_path, monk
     comparisons), exported and read back: the same examples, sequences and prompts token for token."""
     run, tiny = tmp_path / "run", GPT(GPTConfig(block_size=16, vocab_size=enc.n_vocab, n_layer=1, n_head=1, n_embd=8))
     index = build_index([(n, open(os.path.join(STDLIB, n)).read()) for n in ("textwrap.py", "shlex.py", "fnmatch.py")])
-    monkeypatch.setattr("tools.load_index", lambda path: index)  # a small documentation index, built in a blink
+    monkeypatch.setattr("examples.export.load_index", lambda path: index)  # a small documentation index, in a blink
     cfg = dict(n_train=30, n_facts=6, flaw_rate=0.5, tools=1, seed=5, docs_index="unused", demos=None)
     for stage, config in (("sft", cfg), ("ppo", dict(iterations=2, rollout_batch=8, group_size=2, seed=5))):
         (run / stage).mkdir(parents=True)
@@ -146,9 +146,8 @@ def test_the_exported_world_reads_back_into_what_the_stages_build(tmp_path, monk
     rng = random.Random(cfg["seed"])  # sft.py's default data section
     expected = [encode_chat(enc, t.prompt, demonstrate(t, rng, cfg["flaw_rate"])[0])
                 for t in prompt_set("sft_train", cfg["n_train"], cfg["seed"])]
-    expected += [encode_chat(enc, q.prompt, demonstrate_fact(index, q, cfg["tools"]))
-                 for q in make_questions(index, "train", cfg["n_facts"], cfg["seed"] + sft.FACT_SEED)]
-    assert SFT_FACT_SEED == sft.FACT_SEED
+    expected += [encode_chat(enc, q.prompt, demonstrate_fact(index, q, cfg["tools"]))  # and its factual ones
+                 for q in question_set(index, "sft_train", cfg["n_facts"], cfg["seed"])]
     assert [encode_conversation(enc, c) for c in read_demos(str(tmp_path / "export" / "demos.jsonl"))] == expected
     pairs = read_pairs(str(tmp_path / "export" / "pairs.jsonl"))
     assert [[encode_conversation(enc, c)[0] for c in p] for p in pairs] == [
@@ -181,7 +180,7 @@ def test_sft_reward_and_ppo_run_on_the_example(tmp_path, enc, tokenizer_path):
     reward_summary, _ = stage("reward.py", "--pairs", os.path.join(EXAMPLES, "pairs.jsonl"), "--sft",
                               str(tmp_path / "sft" / "ckpt.pt"), "--val_share", "0.25", "--epochs", "10",
                               "--evals_per_epoch", "1", "--lr", "3e-3")
-    assert reward_summary["n_val_pairs"] == 10 and reward_summary["val_acc"] >= 0.7, reward_summary  # chance: 0.5
+    assert reward_summary["n_val_prompts"] == 10 and reward_summary["val_acc"] >= 0.7, reward_summary  # chance: 0.5
     assert (tmp_path / "reward" / "reward.pt").exists() and not (tmp_path / "reward" / "rules.pt").exists()
     ppo_summary, out = stage("ppo.py", "--prompts", os.path.join(EXAMPLES, "prompts.jsonl"), "--sft",
                              str(tmp_path / "sft" / "ckpt.pt"), "--reward_dir", str(tmp_path / "reward"),
