@@ -99,8 +99,9 @@ def load_runs(out):
     runs["ppo_runs"] = {name: read_json(f"{out}/{name}/summary.json") for name in RL_RUNS
                         if os.path.exists(f"{out}/{name}/summary.json")}
     runs["sft_samples"] = read_json(f"{out}/sft/samples_test.json")
-    if os.path.exists(f"{out}/sft_code_only/summary.json"):
-        runs["sft_code_only"] = read_json(f"{out}/sft_code_only/summary.json")
+    for name in ("sft_code_only", "sft_no_replay"):  # --extended's controls
+        if os.path.exists(f"{out}/{name}/summary.json"):
+            runs[name] = read_json(f"{out}/{name}/summary.json")
     return runs
 
 
@@ -200,12 +201,13 @@ def report_pretraining(out, r, timings):
                   f"{meta[split]['tokens']:,} | {meta[split]['bytes'] / meta[split]['tokens']:.2f} |"
                   for split in ("train", "val")]
     lines += ["", "## Pretraining: generic, then domain (both starts)", "",
-              "| run | init | steps | tokens | final val loss | tok/s | MFU | wall |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| run | init | steps | tokens | final val loss | induction test: all / frequent | tok/s | MFU | wall |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name in PRETRAIN_RUNS:
         s = r[name]
         lines.append(f"| {name} | {'generic ckpt' if s['init_from'] else 'scratch'} | {s['steps']} | {s['tokens']:,} | "
-                     f"{s['val_loss']:.4f} | {s['tok_per_s']:,.0f} | {s['mfu'] * 100:.1f}% | "
+                     f"{s['val_loss']:.4f} | {pct(fmean(s['induction']['all']))} / "
+                     f"{pct(fmean(s['induction']['frequent']))} | {s['tok_per_s']:,.0f} | {s['mfu'] * 100:.1f}% | "
                      f"{timings.get(name, math.nan):.0f} s |")
     s = r["pretrain_generic"]
     warm, cold = val_curve(f"{out}/pretrain_domain"), val_curve(f"{out}/pretrain_domain_scratch")
@@ -216,7 +218,12 @@ def report_pretraining(out, r, timings):
               f"Domain validation loss, the same steps and batches from both starts. The generic start reaches the "
               f"scratch run's final loss ({cold[max(cold)]:.4f}) at step {reached} of {max(cold)}"
               + (f" ({max(cold) / reached:.1f}x fewer steps)." if reached else "."), "",
-              "![domain validation loss](figures/pretrain.png)", "",
+              "The induction test (Olsson et al. 2022) is in-context copying, which every tool call needs: 32 "
+              "sequences of 50 random tokens, each followed by itself, and the share of the repeat the model "
+              "predicts top-1, over four draws no run trains on (all: any ordinary token; frequent: the corpus's "
+              "256 most frequent, which the model has strong opinions about). A model without induction heads "
+              "scores near 0%.", "",
+              "![domain validation loss and the induction test](figures/pretrain.png)", "",
               "| step | from generic | from scratch |", "|---|---|---|"]
     lines += [f"| {step} | {warm[step]:.4f} | {cold[step]:.4f} |" for step in thin(sorted(set(warm) & set(cold)))]
     return lines + [""]
@@ -287,17 +294,27 @@ def report_tools(out, r):
     miss = next((e for e in tool["exchanges"] if e["failure"] == "wrong query" and "<|/call|>" in e["response"]), None)
     if top == "wrong query" and miss:
         call = miss["response"].split("<|/call|>")[0].split("<|call|>")[-1]
-        lines += ["", "Most of the tool-using model's failures are wrong queries: it calls the lookup but cannot copy "
-                      f"a name it has never seen into the call (asked \"{miss['prompt']}\", it wrote `{call}`), so the "
-                      "result it quotes is another entry's."]
-    if "induction" in tool:
-        lines += ["", "Every tool call needs in-context copying: the name into the query, the result into the answer. "
-                      "The induction test (Olsson et al. 2022: 32 sequences of 50 random tokens, each followed by "
-                      "itself) measures it: the tool model predicts "
-                      f"{pct(tool['induction'])} of the repeated tokens, the closed-book one "
-                      f"{pct(closed['induction'])}; a model with induction heads predicts most of them. "
-                      "In Olsson et al.'s models they formed after billions of tokens; this run pretrains on a few "
-                      "million. Until a model can copy, the toolset cannot help it, whatever the demonstrations."]
+        lines += ["", "Most of the tool-using model's failures are wrong queries: it calls the lookup with another "
+                      f"name than the one asked (asked \"{miss['prompt']}\", it wrote `{call}`), so the result it "
+                      "quotes is another entry's."]
+    copying = [(name, f) for name, f in (("domain model", r["pretrain_domain"]["induction"]["all"]),
+                                          ("SFT with the toolset", [tool["induction"]]),
+                                          ("closed-book SFT", [closed["induction"]]))]
+    lines += ["", "Every tool call needs in-context copying: the name into the query, the result into the answer. "
+                  "The induction test (see Pretraining) measures it: " +
+                  ", ".join(f"{name} {pct(fmean(f))}" for name, f in copying) + ". SFT replays pretraining windows "
+                  "with copy-teaching spans beside the demonstrations (`sft.py --replay_batch`) so that fine-tuning "
+                  "keeps the copying pretraining taught."]
+    if "sft_no_replay" in r:
+        bare, s = r["sft_no_replay"], r["sft"]
+        lines += ["", "| SFT (`--extended`) | induction test | test pass@1, greedy | sampled | held-out phrasings | "
+                      "facts right | attributable | lookups found |", "|---|---|---|---|---|---|---|---|"]
+        for name, run in (("with replay (the default)", s), ("without replay", bare)):
+            sampled = run["test"]["sampled"]["passed"]
+            lines.append(f"| {name} | {pct(run['facts']['induction'])} | {interval(run['test']['greedy']['passed'])} | "
+                         f"{interval(sampled, per_prompt(len(sampled), run['n_samples']))} | "
+                         f"{interval(run['test_phrase']['greedy']['passed'])} | {interval(run['facts']['right'])} | "
+                         f"{interval(run['facts']['attributable'])} | {pct(fmean(run['facts']['found']))} |")
     if "sft_code_only" in r:
         code_only, both = r["sft_code_only"]["test"]["greedy"]["passed"], r["sft"]["test"]["greedy"]["passed"]
         low, high = diff_interval(both, code_only)
@@ -492,13 +509,16 @@ def figures(out, r):
         fig.savefig(f"{out}/figures/{name}.png", dpi=90)
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, ax_copy) = plt.subplots(1, 2, figsize=(11, 3.5))
     for name, label in (("pretrain_domain", "domain, from the generic model"), ("pretrain_domain_scratch",
                         "domain, from scratch"), ("pretrain_generic", "generic (its own corpus)")):
         curve = val_curve(f"{out}/{name}")
-        ax.plot(list(curve), list(curve.values()), label=label)
+        line, = ax.plot(list(curve), list(curve.values()), label=label)
+        log = [x for x in read_log(f"{out}/{name}/log.jsonl") if "induction" in x]
+        ax_copy.plot([x["step"] for x in log], [fmean(x["induction"]["all"]) for x in log], c=line.get_color())
     ax.set(xlabel="step", ylabel="validation loss", title="Pretraining")
     ax.legend()
+    ax_copy.set(xlabel="step", ylabel="repeat predicted (top-1)", ylim=(0, 1), title="Induction test (all tokens)")
     save(fig, "pretrain")
     log = read_log(f"{out}/sft/log.jsonl")
     fig, ax = plt.subplots(figsize=(6, 3.5))

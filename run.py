@@ -55,7 +55,7 @@ def stage_graph(args):
     data = ["data.py", "--out_dir", out] + {"quick": ["--max_chars", "2000000", "--vocab_size", "2048"], "cpu": [],
                                              "gpu": ["--corpus", "installed", "--block_size", "1024"]}[args.preset]
     sft = ["sft.py", *preset, *tok, "--init_from", f"{out}/pretrain_domain/ckpt.pt", "--docs_index",
-           f"{out}/docs/index.json"]
+           f"{out}/docs/index.json", "--replay_data", f"{out}/data/domain"]
     stages = [
         ("data", [], data),
         ("docs", [], ["tools.py", "--out_dir", f"{out}/docs"]),
@@ -78,6 +78,9 @@ def stage_graph(args):
     if args.extended:  # the control for the toolset's cost: the same SFT budget, all of it programming
         stages.append(("sft_code_only", ["pretrain_domain", "docs"], [*sft, "--n_facts", "0", "--n_train", "32000",
                                                                       "--out_dir", f"{out}/sft_code_only"]))
+        # the control for the replay: what fine-tuning does to copying without it
+        stages.append(("sft_no_replay", ["pretrain_domain", "docs"], [*sft, "--replay_batch", "0",
+                                                                      "--out_dir", f"{out}/sft_no_replay"]))
     for name, (flags, default) in PPO_RUNS.items():
         if default or args.extended:
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",

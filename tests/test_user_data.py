@@ -175,8 +175,10 @@ def test_sft_reward_and_ppo_run_on_the_example(tmp_path, enc, tokenizer_path):
 
     sft_summary, _ = stage("sft.py", "--demos", os.path.join(EXAMPLES, "demos.jsonl"),
                            os.path.join(EXAMPLES, "conversations.jsonl"), "--init_from", str(tmp_path / "pretrain.pt"),
-                           "--max_steps", "10", "--max_new_tokens", "8")
+                           "--max_steps", "10", "--max_new_tokens", "8", "--replay_data", str(tmp_path / "generic"))
     assert sft_summary["n_val"] == 3 and sft_summary["n_train"] + sft_summary["n_val"] + sft_summary["n_skipped"] == 44
+    logged = [json.loads(line) for line in open(tmp_path / "sft" / "log.jsonl")]
+    assert all(r["replay_loss"] > 0 for r in logged if "loss" in r)  # your pretraining text replayed beside the demos
     reward_summary, _ = stage("reward.py", "--pairs", os.path.join(EXAMPLES, "pairs.jsonl"), "--sft",
                               str(tmp_path / "sft" / "ckpt.pt"), "--val_share", "0.25", "--epochs", "10",
                               "--evals_per_epoch", "1", "--lr", "3e-3")
