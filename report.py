@@ -267,11 +267,11 @@ def report_tools(out, r):
     tool, closed = r["sft"]["facts"], r["sft_closed_book"]["facts"]
     lines = ["## Grounding: the toolset (LaMDA, Sparrow)", "",
              f"{len(tool['right'])} factual questions about held-out standard-library modules (files in no pretraining "
-             "text) and multi-digit arithmetic, greedy answers. Both models were fine-tuned on the same programming "
-             f"demonstrations and the same {r['sft']['n_facts']} factual questions for the same steps; one saw answers "
-             "that look the fact up and quote it, the other the same answers without the lookup. Right: the stated "
-             "fact "
-             "is exact. Attributable: the quote occurs verbatim in the right entry's documentation (or is the "
+             "text) and multi-digit arithmetic, greedy answers. Both models were fine-tuned from the domain model on "
+             f"the same {r['sft']['n_facts']} factual questions, with the same replay: SFT with the "
+             "programming demonstrations beside them and answers that look the fact up and quote it; the closed-book "
+             f"baseline on the factual questions alone ({r['sft_closed_book']['n_train']} demonstrations), answered "
+             "without the lookup. Right: the stated fact is exact. Attributable: the quote occurs verbatim in the right entry's documentation (or is the "
              "calculator's result).", "",
              "| model | right | attributable | tool calls per answer | a lookup found the right entry |",
              "|---|---|---|---|---|"]

@@ -26,7 +26,7 @@ from common import write_json
 PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev prompts, see the README
     "ppo": ([], True),
     "ppo_ptx": (["--ptx_coef", "1"], True),
-    "grpo_tests": (["--reward", "tests", "--advantage", "grpo", "--group_size", "4"], True),
+    "grpo_tests": (["--reward", "tests", "--advantage", "grpo", "--group_size", "4"], False),
     "ppo_tests": (["--reward", "tests"], False),
     "ppo_both": (["--reward", "both"], False),
     "ppo_adaptive_kl": (["--kl_target", "0.5", "--kl_horizon", "640"], False),
@@ -71,8 +71,6 @@ def stage_graph(args):
                                                    "--init_from", f"{out}/pretrain_generic/ckpt.pt",
                                                    "--out_dir", f"{out}/pretrain_domain"]),
         ("sft", ["pretrain_domain", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
-        ("sft_closed_book", ["pretrain_domain", "docs"], [*sft, "--tools", "0", "--eval", "facts",
-                                                          "--out_dir", f"{out}/sft_closed_book"]),
         ("reward", ["sft"], ["reward.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--out_dir", f"{out}/reward"]),
     ]
     if args.extended:  # the control for the toolset's cost: the same SFT budget, all of it programming
@@ -86,8 +84,16 @@ def stage_graph(args):
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
                                               "--out_dir", f"{out}/{name}", *flags]))
-    models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", "ppo", "ppo_ptx", "grpo_tests")]
-    stages.append(("examples", ["ppo", "ppo_ptx", "grpo_tests"], [
+    # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming ones
+    # (a fifth of SFT's steps); it waits for the reward model so that it fills the core the RL runs leave free
+    # and SFT, on the path to every later stage, has both cores
+    fact_steps = {"quick": 4, "cpu": 100, "gpu": 157}[args.preset]  # sft.py's n_facts / batch_size, one epoch
+    stages.append(("sft_closed_book", ["pretrain_domain", "docs", "reward"], [
+        *sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--max_steps", str(fact_steps),
+        "--out_dir", f"{out}/sft_closed_book"]))
+    rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
+    models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]
+    stages.append(("examples", rl_models, [
         "chat.py", "--models", *models, "--reward_dir", f"{out}/reward", "--best_of", "16" if args.preset != "quick"
         else "4", "--temperature", "0", *[a for t in EXAMPLE_TASKS for a in ("--task", t)], "--json",
         f"{out}/examples/summary.json", "--tokenizer", f"{out}/tokenizer.json"]))

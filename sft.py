@@ -51,7 +51,7 @@ from tools import demonstrate_fact, evaluate_facts, load_index, question_set
 PRESETS = {
     "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
                   n_samples=4, n_fact_eval=16, replay_batch=2),
-    "cpu": dict(n_train=28000, n_facts=4000, max_steps=1000, batch_size=32, lr=3e-3, eval_interval=100, n_eval=150,
+    "cpu": dict(n_train=22400, n_facts=3200, max_steps=800, batch_size=32, lr=3e-3, eval_interval=100, n_eval=150,
                 n_samples=16, n_fact_eval=200, replay_batch=8),
     "gpu": dict(n_train=90000, n_facts=10000, max_steps=3000, batch_size=64, lr=3e-4, eval_interval=500, n_eval=500,
                 n_samples=64, n_fact_eval=446, replay_batch=16),
@@ -88,7 +88,7 @@ if __name__ == "__main__":
     # data
     parser.add_argument("--demos", nargs="+", default=None, help="your own demonstrations instead of the world's: "
                         "JSON Lines files, one format per file (data.read_demos); every 20th of them all is held out")
-    parser.add_argument("--n_train", type=positive_int, help="demonstrations (one per training task)")
+    parser.add_argument("--n_train", type=nonneg_int, help="programming demonstrations (one per training task)")
     parser.add_argument("--flaw_rate", type=fraction, default=0.2, help="share of demonstrations with a flaw")
     parser.add_argument("--n_facts", type=nonneg_int, help="factual questions mixed in (the toolset's demonstrations)")
     parser.add_argument("--tools", type=int, choices=(0, 1), default=1, help="answer them with a lookup and a quote "
@@ -164,7 +164,7 @@ if __name__ == "__main__":
         train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
         test_tasks = prompt_set("test", args.n_eval, args.seed) if args.eval == "all" else []  # facts: closed-book's
         fact_questions, n_skipped = question_set(docs, "sft_eval", args.n_fact_eval, args.seed), 0
-        demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos)
+        demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos) if train_demos else 0.0
         print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
                f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
                f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")

@@ -6,7 +6,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "docs", "pretrain_generic", "pretrain_domain", "pretrain_domain_scratch", "sft", "sft_closed_book",
-          "reward", "ppo", "ppo_ptx", "grpo_tests", "examples")
+          "reward", "ppo", "ppo_ptx", "examples")
 
 
 def test_quick_pipeline_runs_every_stage_and_reports(tmp_path):
