@@ -70,7 +70,9 @@ def stage_graph(args):
         ("pretrain_domain", ["pretrain_generic"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",
                                                    "--init_from", f"{out}/pretrain_generic/ckpt.pt",
                                                    "--out_dir", f"{out}/pretrain_domain"]),
-        ("sft", ["pretrain_domain", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
+        # SFT also waits for the baseline, which ends with it, so that it starts with both cores (a stage keeps the
+        # threads it started with)
+        ("sft", ["pretrain_domain", "pretrain_domain_scratch", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
         ("reward", ["sft"], ["reward.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--out_dir", f"{out}/reward"]),
     ]
     if args.extended:  # the control for the toolset's cost: the same SFT budget, all of it programming
@@ -87,7 +89,7 @@ def stage_graph(args):
     # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming ones
     # (a fifth of SFT's steps); it waits for the reward model so that it fills the core the RL runs leave free
     # and SFT, on the path to every later stage, has both cores
-    fact_steps = {"quick": 4, "cpu": 100, "gpu": 157}[args.preset]  # sft.py's n_facts / batch_size, one epoch
+    fact_steps = {"quick": 4, "cpu": 125, "gpu": 157}[args.preset]  # sft.py's n_facts / batch_size, one epoch
     stages.append(("sft_closed_book", ["pretrain_domain", "docs", "reward"], [
         *sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--max_steps", str(fact_steps),
         "--out_dir", f"{out}/sft_closed_book"]))
