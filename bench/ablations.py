@@ -3,7 +3,8 @@ What each change to the GPT buys at this size, at equal wall time on this machin
 behind model.GPTConfig's fields, Muon and the copy-teaching data. Writes docs/ABLATIONS.md.
 
     python data.py                          # once: the default corpora and tokenizer, under out/
-    python bench/ablations.py               # every row, one seed each, the decisive ones on three (~80 min)
+    python bench/ablations.py               # every row at the full budget, the decisive ones on three seeds
+    python bench/ablations.py --budget 0.5 --seeds 1    # docs/ABLATIONS.md as committed: 36 min on two cores
     python bench/ablations.py --rows 0 8 --seeds 1 --budget 0.2     # a quick look
 
 Each row adds one change to the row above (cumulative, like modded-nanogpt's record table), then a
