@@ -297,12 +297,11 @@ def report_tools(out, r):
         lines += ["", "Most of the tool-using model's failures are wrong queries: it calls the lookup with another "
                       f"name than the one asked (asked \"{miss['prompt']}\", it wrote `{call}`), so the result it "
                       "quotes is another entry's."]
-    copying = [(name, f) for name, f in (("domain model", r["pretrain_domain"]["induction"]["all"]),
-                                          ("SFT with the toolset", [tool["induction"]]),
-                                          ("closed-book SFT", [closed["induction"]]))]
+    copying = (("domain model", fmean(r["pretrain_domain"]["induction"]["all"])),
+               ("SFT with the toolset", tool["induction"]), ("closed-book SFT", closed["induction"]))
     lines += ["", "Every tool call needs in-context copying: the name into the query, the result into the answer. "
                   "The induction test (see Pretraining) measures it: " +
-                  ", ".join(f"{name} {pct(fmean(f))}" for name, f in copying) + ". SFT replays pretraining windows "
+                  ", ".join(f"{name} {pct(share)}" for name, share in copying) + ". SFT replays pretraining windows "
                   "with copy-teaching spans beside the demonstrations (`sft.py --replay_batch`) so that fine-tuning "
                   "keeps the copying pretraining taught."]
     if "sft_no_replay" in r:
