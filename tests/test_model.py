@@ -77,6 +77,26 @@ def test_cached_batched_generation_equals_recompute(path):
         assert (tokens[i, n:] == 0).all() and (logprobs[i, n:] == 0).all()
 
 
+def test_rows_that_end_early_leave_the_batch_and_the_others_go_on_as_alone():
+    model = tiny(untied_head=True)  # tied, an untrained model greedily repeats its last token
+    prompts = [[i % 7 + 1, (3 * i) % 11 + 1, i + 2][:1 + i % 3] for i in range(12)]
+    free = model.generate(prompts, 10, temperature=0).tokens
+    eos_id = int(torch.mode(free[:, :5].flatten()).values)  # a token many rows produce early: many end, at
+    ended = [(row == eos_id).nonzero()[0, 0].item() for row in free if (row == eos_id).any()]  # varied steps
+    assert len(set(ended)) >= 2 and min(ended) < 9
+    tokens, _, lengths, _ = model.generate(prompts, 10, temperature=0, eos_id=eos_id, pad_id=0)
+    for i, prompt in enumerate(prompts):  # the cache's rows move as others end; each row's answer is its own
+        assert tokens[i, :int(lengths[i])].tolist() == recompute_greedy(model, prompt, 10, eos_id)[0]
+
+
+def test_samples_follow_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next_token(logits, 1.0, generator=g), minlength=5) / 20000
+    torch.testing.assert_close(counts, torch.softmax(logits[0], -1), rtol=0, atol=0.015)  # 4 sd at p = 0.64
+    assert counts[4] == 0
+
+
 def test_generation_stops_at_the_end_token():
     model = tiny()
     prompts = [[1, 2], [4], [9, 9, 9]]
