@@ -87,11 +87,10 @@ def stage_graph(args):
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
                                               "--out_dir", f"{out}/{name}", *flags]))
     # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming ones
-    # (a fifth of SFT's steps); it waits for the reward model so that it fills the core the RL runs leave free
+    # (one pass over them); it waits for the reward model so that it fills the core the RL runs leave free
     # and SFT, on the path to every later stage, has both cores
-    fact_steps = {"quick": 4, "cpu": 125, "gpu": 157}[args.preset]  # sft.py's n_facts / batch_size, one epoch
     stages.append(("sft_closed_book", ["pretrain_domain", "docs", "reward"], [
-        *sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--max_steps", str(fact_steps),
+        *sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--epochs", "1",
         "--out_dir", f"{out}/sft_closed_book"]))
     rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
     models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]

@@ -29,6 +29,7 @@ by reward-model score; we train one pass over fresh demonstrations (the world ca
 as we like) without dropout, and keep the last checkpoint.
 """
 import argparse
+import math
 import os
 import random
 import time
@@ -102,6 +103,8 @@ if __name__ == "__main__":
                         "taught (0: none)")
     # optimization
     parser.add_argument("--max_steps", type=positive_int, help="optimizer steps")
+    parser.add_argument("--epochs", type=positive_float, default=None, help="stop after this many passes over the "
+                        "demonstrations, or at --max_steps if that comes first")
     parser.add_argument("--batch_size", type=positive_int, help="demonstrations per step")
     parser.add_argument("--lr", type=positive_float, help="peak learning rate")
     parser.add_argument("--warmup_steps", type=nonneg_int, default=20, help="linear warmup steps")
@@ -168,6 +171,8 @@ if __name__ == "__main__":
         print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
                f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
                f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
+    if args.epochs:  # the schedule (warmup, cosine) then spans the passes asked for
+        args.max_steps = min(args.max_steps, math.ceil(args.epochs * len(train_examples) / args.batch_size))
     pad_id = enc.encode_single_token(EOT)
     if args.replay_batch and not os.path.exists(os.path.join(args.replay_data, "meta.json")):
         raise SystemExit(f"--replay_data {args.replay_data}: no token files there; run `python data.py` (or pass "
