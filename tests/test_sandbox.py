@@ -24,19 +24,32 @@ HOARD = (POSIX + 'made = 0\ntry:\n    for i in range(64):\n        {make}\n     
 only_root = pytest.mark.skipif(os.geteuid() != 0, reason='needs root: a chroot and a uid of its own per child')
 
 
-def stray_processes():
-    """Our children, and processes under the uids our sandbox children get."""
-    found = []
+def processes():
+    """{pid: (parent's pid, uid, whether it runs sandbox.ZYGOTE)} of every process."""
+    found = {}
     for status in glob.glob('/proc/[0-9]*/status'):
         try:
             with open(status) as fh:
                 fields = dict(line.split(':', 1) for line in fh)
+            with open(status.replace('status', 'cmdline'), 'rb') as fh:
+                zygote = fh.read().endswith(b'\0-c\0' + sandbox.ZYGOTE.encode() + b'\0')
         except (OSError, ValueError):  # gone meanwhile
             continue
-        uid, ppid = int(fields['Uid'].split()[0]), int(fields['PPid'])
-        if ppid == os.getpid() or (uid - sandbox.UID_BASE) // sandbox.SLOTS == os.getpid():
-            found.append(status)
+        found[int(fields['Pid'])] = int(fields['PPid']), int(fields['Uid'].split()[0]), zygote
     return found
+
+
+def zygotes(found):
+    return {pid for pid, (ppid, _, zygote) in found.items() if ppid == os.getpid() and zygote}
+
+
+def stray_processes():
+    """Our children and theirs, but the zygotes waiting for a job, and processes under the uids our sandbox
+    children get."""
+    found = processes()
+    ours = zygotes(found) | {os.getpid()}
+    return [pid for pid, (ppid, uid, _) in found.items() if pid not in ours and (
+        ppid in ours or (uid - sandbox.UID_BASE) // sandbox.SLOTS == os.getpid())]
 
 
 @pytest.fixture(autouse=True)
