@@ -65,6 +65,7 @@ _slots = queue.SimpleQueue()  # the free slots of this process; a child's slot i
 for _slot in range(SLOTS):
     _slots.put(_slot)
 _idle = queue.SimpleQueue()  # zygotes waiting for a job, kept for the life of this process
+os.register_at_fork(after_in_child=lambda: globals().update(_idle=queue.SimpleQueue()))  # not the parent's
 # A zygote: a fresh interpreter of trusted code, started once per worker, that imports what every child needs and
 # then forks a child per job, so no child pays Python's start-up (10 ms, most of a run). It reads a job, length-
 # prefixed, on its stdin (so the job is in no file, argv or environment), waits for the child at most the timeout,
