@@ -60,7 +60,7 @@ OPEN_FILES_LIMIT = 16
 UID_BASE, SLOTS = 2**30, 256
 REPORT_LIMIT = 2**14  # characters of one reported value, read no further: the world's take under 100
 IMPORTABLE = {'collections', 'functools', 'itertools', 'math', 're', 'string'}  # what a program may import as root
-ANSWER_MARGIN = 2.0  # seconds a zygote may take past the timeout to end its child and answer, else it is replaced
+ANSWER_MARGIN = 2.0  # seconds past the timeout a zygote may take to start, end its child and answer, or be replaced
 _slots = queue.SimpleQueue()  # the free slots of this process; a child's slot is free again once it is dead
 for _slot in range(SLOTS):
     _slots.put(_slot)
