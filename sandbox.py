@@ -5,6 +5,13 @@ verdict ("pass", "fail", "error" or "timeout") is decided on the trusted side.
     from sandbox import execute, execute_many
     execute("def f(x):\n    return x + 1\n", "assert f(1) == 2\n")   # 'pass'
 
+How it runs. The child is forked from a zygote, a fresh `python -I -S` of trusted code only (no environment,
+a session of its own) that has already imported what a child needs, so a run costs a fork, not an
+interpreter's start-up; there is one zygote per concurrent run, kept for the life of this process. The child
+closes every file it inherited but its output, so it cannot reach the zygote's pipes to this process; the
+zygote kills it when the wall clock runs out and sends back its output. A zygote that dies, answers late or
+answers more than a child may write is replaced, and its job is an "error" (a warning says so, once).
+
 What it protects against. Each child has a wall-clock limit (then it is killed: only that is a
 "timeout"), CPU-time, 512 MB memory, 16 open files and 256 KB output limits (so memory it holds outside
 its address space, in memfd files or pipes, stays a few MB), no new processes, an empty environment, and
@@ -21,16 +28,19 @@ characters, in linear time) and compares it with the expected value, which never
 What it does not protect against. Other tests run in the program's interpreter, where determined code
 can find the token that reports success. Without root there is no chroot and no uid of its own: code
 that undoes the guard (rebuilding posix from _imp) can read and write wherever this user can, leave
-files behind and signal this user's processes, the harness included. The network is not cut off (the
-chroot only keeps out a socket module that is a separate file). Kernel bugs, and the CPU and memory it
-shares with the machine: for code written by an adversary, use a container or a VM.
+files behind and signal this user's processes, the harness and its zygotes included. The network is not
+cut off (the chroot only keeps out a socket module that is a separate file). Kernel bugs, and the CPU and
+memory it shares with the machine: for code written by an adversary, use a container or a VM.
 """
 import ast
+import atexit
 import marshal
 import os
 import queue
 import re
 import secrets
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,20 +60,50 @@ OPEN_FILES_LIMIT = 16
 UID_BASE, SLOTS = 2**30, 256
 REPORT_LIMIT = 2**14  # characters of one reported value, read no further: the world's take under 100
 IMPORTABLE = {'collections', 'functools', 'itertools', 'math', 're', 'string'}  # what a program may import as root
+ANSWER_MARGIN = 2.0  # seconds past the timeout a zygote may take to start, end its child and answer, or be replaced
 _slots = queue.SimpleQueue()  # the free slots of this process; a child's slot is free again once it is dead
 for _slot in range(SLOTS):
     _slots.put(_slot)
-# Runs in the child before the untrusted code; the job comes on stdin, so it is in no file, argv or environment.
-HARNESS = r'''
-import _io, builtins, io, marshal, os, posix, resource, sys
-program, tests, token, imports, limits, uid = marshal.loads(sys.stdin.buffer.read())
+_idle = queue.SimpleQueue()  # zygotes waiting for a job, kept for the life of this process
+os.register_at_fork(after_in_child=lambda: globals().update(_idle=queue.SimpleQueue()))  # not the parent's
+# A zygote: a fresh interpreter of trusted code, started once per worker, that imports what every child needs and
+# then forks a child per job, so no child pays Python's start-up (10 ms, most of a run). It reads a job, length-
+# prefixed, on its stdin (so the job is in no file, argv or environment), waits for the child at most the timeout,
+# kills it, and answers on its stdout: whether the clock ran out, then the child's output. The child leaves the
+# loop and runs the harness below it, before the untrusted code, in the module the program sees as __main__.
+ZYGOTE = f'import {", ".join(sorted(IMPORTABLE))}  # after the chroot no module can load: load them now\n' + r'''
+import _io, builtins, io, marshal, os, posix, resource, select, sys, time
 write, exit_now = os.write, os._exit  # the harness keeps these; the guard takes them from the program
+compile('', '<warm-up>', 'exec')  # the first compile() makes the ast node types (1.5 ms): here, not in every child
+def read(n):  # n bytes of the job, or the end of the zygote once the parent has closed its pipe
+    data = b''
+    while len(data) < n:
+        data += os.read(0, n - len(data)) or exit_now(0)
+    return data
 def report(*words):  # a line of its own, marked with this run's random token
     write(1, ('\n' + ' '.join((token,) + words) + '\n').encode())
-for name in imports:  # after the chroot no module can load: load those the program imports now
-    __import__(name)
+while True:
+    program, tests, token, limits, uid, folder, timeout = marshal.loads(read(int.from_bytes(read(4), 'little')))
+    output, start = os.memfd_create('output'), time.monotonic()  # unnamed: only the child's stdout and stderr
+    child = os.fork()
+    if child == 0:
+        break
+    ended, pidfd = select.poll(), os.pidfd_open(child)  # a pidfd is readable once its process is dead
+    ended.register(pidfd, select.POLLIN)
+    ended.poll(timeout * 1000)
+    os.kill(child, 9)  # it cannot have started other processes: killing it ends all it ran
+    os.waitpid(child, 0)
+    answer = bytes([time.monotonic() - start >= timeout]) + os.pread(output, limits['RLIMIT_FSIZE'], 0)
+    write(1, len(answer).to_bytes(4, 'little') + answer)
+    os.close(output), os.close(pidfd)
+    del answer  # the next child is not to find what this one wrote
+# the child: stdout and stderr to its output, stdin an empty pipe, every other file closed (the zygote's pipes to
+# the parent above all), then the limits, and its folder
+os.dup2(output, 1), os.dup2(output, 2), os.dup2(os.pipe()[0], 0)
+os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 for name, value in limits.items():
     resource.setrlimit(getattr(resource, name), (value, value))
+os.chdir(folder)
 if uid is not None:  # root: drop it for good before the program runs, or never run the program (fail closed)
     try:
         os.chroot('.'); os.chdir('/'); os.setgroups([]); os.setgid(uid); os.setuid(uid)
@@ -147,13 +187,6 @@ def _value(words):
     return SCALARS[kind](payload)
 
 
-def _imports(program):
-    """The modules of IMPORTABLE that the program names, to load before the chroot (loading all of them would
-    double the child's start-up time). A scan of its words, not its syntax: the parent never parses a
-    program, whose parse can take time quadratic in its length; a name that is no import loads for nothing."""
-    return sorted(set(re.findall(r'\w+', program)) & IMPORTABLE)
-
-
 _warned = set()
 
 
@@ -164,15 +197,61 @@ def _warn(message):
         print(f'sandbox: {message}', file=sys.stderr, flush=True)
 
 
+def _zygote():
+    """A zygote for one job: one waiting for a job, or a new one if none is (one that died waiting is dropped)."""
+    while True:
+        try:
+            zygote = _idle.get_nowait()
+        except queue.Empty:
+            return subprocess.Popen([sys.executable, '-I', '-S', '-c', ZYGOTE], env={}, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, start_new_session=True)
+        if zygote.poll() is None:
+            return zygote
+        _stop(zygote)
+
+
+def _stop(zygote):
+    """End a zygote and any child it still runs (they share its process group, which its pid names until it is
+    reaped), and close its pipes."""
+    if zygote.returncode is None:
+        os.killpg(zygote.pid, signal.SIGKILL)
+        zygote.wait()
+    for pipe in (zygote.stdin, zygote.stdout):
+        try:
+            pipe.close()
+        except OSError:  # the rest of a job it never read
+            pass
+
+
+@atexit.register
+def _stop_idle_zygotes():
+    while not _idle.empty():
+        _stop(_idle.get())
+
+
+def _read(zygote, n, deadline):
+    """n bytes of a zygote's answer; an error if it ends first, or has not sent them by the deadline."""
+    data, ready = b'', select.poll()
+    ready.register(zygote.stdout, select.POLLIN)
+    while len(data) < n:
+        if not ready.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            raise TimeoutError('no answer in time')
+        chunk = os.read(zygote.stdout.fileno(), n - len(data))
+        if not chunk:
+            raise EOFError('the zygote ended')
+        data += chunk
+    return data
+
+
 def _run(job, timeout):
-    """Run the harness on job (program, tests or calls, token, imports) in a child: (its output, whether the
-    wall clock ran out before it ended). Only that is a timeout, not the signal that ended the child: a program
-    can send itself SIGKILL or SIGXCPU, and RLIMIT_CPU, above the wall clock, fires only if the parent is late."""
+    """Run job (program, tests or calls, token) in a child of a zygote: (its output, whether the wall clock ran out
+    before it ended). Only that is a timeout, not the signal that ended the child: a program can send itself
+    SIGKILL or SIGXCPU, and RLIMIT_CPU, above the wall clock, fires only if the zygote is late."""
     root = os.geteuid() == 0
     if not root:
         _warn('not running as root: programs run as this user, with no chroot and no uid of their own, '
               'behind an in-process guard only (see sandbox.py)')
-    slot, scratch = _slots.get() if root else None, None
+    slot, scratch, zygote = _slots.get() if root else None, None, None
     try:
         # the child's folder, made read-only: owned by root it is the chroot, where the program can create nothing
         scratch = tempfile.mkdtemp(prefix=f'sandbox-{os.getpid()}-')
@@ -180,21 +259,26 @@ def _run(job, timeout):
         limits = {'RLIMIT_CPU': int(timeout) + 1, 'RLIMIT_AS': MEMORY_LIMIT, 'RLIMIT_FSIZE': OUTPUT_LIMIT,
                   'RLIMIT_NOFILE': OPEN_FILES_LIMIT, 'RLIMIT_CORE': 0}
         uid = UID_BASE + os.getpid() * SLOTS + slot if root else None
-        start = time.monotonic()
-        with tempfile.TemporaryFile() as out:  # unnamed: only the child's stdout and stderr reach it
-            proc = subprocess.Popen([sys.executable, '-I', '-S', '-c', HARNESS], cwd=scratch, env={},
-                                    stdin=subprocess.PIPE, stdout=out, stderr=out, start_new_session=True)
-            try:
-                proc.communicate(marshal.dumps((*job, limits, uid)), timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:  # it cannot have started other processes: killing it ends all it ran
-                proc.kill()
-                proc.wait()
-            out.seek(0)
-            return out.read(), time.monotonic() - start >= timeout  # at most OUTPUT_LIMIT bytes
-    finally:  # the child is dead: its slot is free again. As root its folder is empty: one rmdir removes it;
-        if root:  # without root, whatever a program left there stays, and rmdir's error makes the verdict "error"
+        zygote, job = _zygote(), marshal.dumps((*job, limits, uid, scratch, timeout))
+        try:
+            zygote.stdin.write(len(job).to_bytes(4, 'little') + job)
+            zygote.stdin.flush()
+            deadline = time.monotonic() + timeout + ANSWER_MARGIN
+            size = int.from_bytes(_read(zygote, 4, deadline), 'little')
+            if not 1 <= size <= 1 + OUTPUT_LIMIT:
+                raise ValueError('an answer longer than a child may write')
+            answer = _read(zygote, size, deadline)
+        except (OSError, EOFError, ValueError):  # TimeoutError and BrokenPipeError are OSErrors
+            _warn('a zygote died, or answered late or wrong: its job counts as an error, and a new zygote '
+                  'takes its place')
+            return b'', False  # no report from the child: "error"
+        _idle.put(zygote)  # it answered in full: it waits for the next job
+        zygote = None
+        return answer[1:], answer[0] == 1  # at most OUTPUT_LIMIT bytes
+    finally:  # a zygote that failed ends here, with the child it ran. The child is dead: its slot is free again. As
+        if zygote:  # root its folder is empty: one rmdir removes it; without root, whatever a program left there
+            _stop(zygote)  # stays, and rmdir's error makes the verdict "error"
+        if root:
             _slots.put(slot)
         if scratch:
             os.rmdir(scratch)
@@ -209,7 +293,7 @@ def execute(program, tests, timeout=EXEC_TIMEOUT):
     one."""
     calls, token = _calls(tests), secrets.token_hex(16)
     try:
-        job = (program, tests if calls is None else [c[:2] for c in calls], token, _imports(program))
+        job = (program, tests if calls is None else [c[:2] for c in calls], token)
         output, timed_out = _run(job, timeout)
     except Exception as e:  # no disk, no processes left, or files a program left without root: go on, say why
         _warn(f'could not run a program or clean up after it ({type(e).__name__}: {e}); it counts as an error')
@@ -238,6 +322,6 @@ def execute(program, tests, timeout=EXEC_TIMEOUT):
 
 def execute_many(jobs, timeout=EXEC_TIMEOUT, workers=None):
     """execute() over (program, tests) pairs in parallel; results in input order."""
-    # a run mostly waits (process start-up, polling for its exit), so by default 4 per core
+    # a run mostly waits (on its zygote's fork, its child, the answer), so by default 4 per core
     with ThreadPoolExecutor(workers or 4 * os.cpu_count()) as pool:
         return list(pool.map(lambda job: execute(*job, timeout), jobs))

@@ -4,6 +4,7 @@ between it and "pass". Tests that let a program loose on the machine (kill(-1) a
 the test run) need root, where each child has a uid of its own."""
 import glob
 import os
+import queue
 import tempfile
 import time
 
@@ -21,22 +22,36 @@ POSIX = ("import _imp\nclass Spec:\n    name = 'posix'\nposix = _imp.create_buil
 # up to 64 buffers of memory, each in a file of its own ({make}); f is right only if fewer than 32 could be made
 HOARD = (POSIX + 'made = 0\ntry:\n    for i in range(64):\n        {make}\n        made += 1\n'
          'except OSError:  # out of open files\n    pass\ndef f(x):\n    return x + 1 if made < 32 else x\n')
+UNREACHED = 'def f(x):\n    return x + 1 if reached == 0 else x\n'  # right only if nothing was reached
 only_root = pytest.mark.skipif(os.geteuid() != 0, reason='needs root: a chroot and a uid of its own per child')
 
 
-def stray_processes():
-    """Our children, and processes under the uids our sandbox children get."""
-    found = []
+def processes():
+    """{pid: (parent's pid, uid, whether it runs sandbox.ZYGOTE)} of every process."""
+    found = {}
     for status in glob.glob('/proc/[0-9]*/status'):
         try:
             with open(status) as fh:
                 fields = dict(line.split(':', 1) for line in fh)
+            with open(status.replace('status', 'cmdline'), 'rb') as fh:
+                zygote = fh.read().endswith(b'\0-c\0' + sandbox.ZYGOTE.encode() + b'\0')
         except (OSError, ValueError):  # gone meanwhile
             continue
-        uid, ppid = int(fields['Uid'].split()[0]), int(fields['PPid'])
-        if ppid == os.getpid() or (uid - sandbox.UID_BASE) // sandbox.SLOTS == os.getpid():
-            found.append(status)
+        found[int(fields['Pid'])] = int(fields['PPid']), int(fields['Uid'].split()[0]), zygote
     return found
+
+
+def zygotes(found):
+    return {pid for pid, (ppid, _, zygote) in found.items() if ppid == os.getpid() and zygote}
+
+
+def stray_processes():
+    """Our children and theirs, but the zygotes waiting for a job, and processes under the uids our sandbox
+    children get."""
+    found = processes()
+    ours = zygotes(found) | {os.getpid()}
+    return [pid for pid, (ppid, uid, _) in found.items() if pid not in ours and (
+        ppid in ours or (uid - sandbox.UID_BASE) // sandbox.SLOTS == os.getpid())]
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +157,11 @@ HOSTILE = {  # {dir}: a directory the test owns, holding the file 'keep'
     'print_megabytes': ("print('x' * 10**7)\n" + OK, 'error'),
     'print_forever': ("while True:\n    print('x' * 1000)\n" + OK, 'error'),
     'fake_success': ("print('pass')\nprint('OK')\nimport sys\nsys.exit(0)\n" + OK, 'error'),
+    # the files a child inherits from its zygote: stdin an empty pipe, not the zygote's jobs; nothing above stderr
+    'zygote_files': (POSIX + "reached = len(posix.read(0, 9))  # the zygote's stdin would block\n"
+                     "for fd in range(3, 64):\n    try:\n"
+                     "        posix.write(fd, bytes([9, 0, 0, 0]) + b'garbage!!')  # a zygote's answer, forged\n"
+                     "        reached += 1\n    except OSError:  # not open\n        pass\n" + UNREACHED, 'pass'),
     'fake_success_at_exit': ("import atexit\natexit.register(print, 'pass')\ndef f(x):\n    raise SystemExit(0)\n",
                              'error'),
 }
@@ -156,6 +176,9 @@ ROOT_ONLY = {  # unguarded: the guard undone, only the chroot and the uid stand 
     'shared_memory_file': (POSIX + "posix.open('/dev/shm/sandbox-pwned', posix.O_WRONLY | posix.O_CREAT)\n" + OK,
                            'error'),
     'kill_the_parent_unguarded': (POSIX + 'posix.kill(posix.getppid(), 9)\n' + OK, 'error'),
+    'stop_or_kill_the_zygote': (POSIX + 'reached = 0\nfor signal in (19, 9):\n    try:\n'
+                                '        posix.kill(posix.getppid(), signal)\n        reached += 1\n'
+                                '    except OSError:  # not ours to signal\n        pass\n' + UNREACHED, 'pass'),
     # at the neighbours as they start and run: kill(-1) reaches every process the sender may signal
     'kill_everyone': (POSIX + KEEP_AT_IT.format(signal=9) + OK, 'pass'),
     'stop_everyone': (POSIX + KEEP_AT_IT.format(signal=19) + OK, 'pass'),
@@ -182,6 +205,7 @@ def test_hostile_programs_beside_correct_ones_in_execute_many(tmp_path):
     expected = [verdict for _, verdict in hostile.values()] + ['fail', 'pass'] * 8
     assert execute_many(jobs, timeout=3.0, workers=len(jobs)) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ['keep']
+    assert execute_many([(OK, TESTS), (WRONG, TESTS)] * 4, workers=8) == ['pass', 'fail'] * 4  # and it goes on
 
 
 FORGED_LINES = {  # the report line a program forges for the first call, built in the child
@@ -232,6 +256,28 @@ def test_without_root_it_says_so_once(monkeypatch, capsys):
     monkeypatch.setattr(sandbox, '_warned', set())
     assert run(OK) == 'pass' and run(OK) == 'pass'
     assert capsys.readouterr().err.count('not running as root') == 1
+
+
+@pytest.mark.parametrize('script', [
+    '',  # ends at once
+    "import os\nos.read(0, 2**20)\nos.write(1, bytes([255]) * 8)\nos.read(0, 1)\n",  # a 4 GB answer
+    'import os\nos.read(0, 2**20)\nos.read(0, 1)\n',  # no answer
+], ids=['dies', 'answers_too_much', 'never_answers'])
+def test_a_zygote_that_fails_makes_an_error_once_and_is_replaced(script, monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, '_idle', queue.SimpleQueue())  # a pool of zygotes that run the script
+    monkeypatch.setattr(sandbox, 'ZYGOTE', script)
+    monkeypatch.setattr(sandbox, 'ANSWER_MARGIN', 0.1)
+    monkeypatch.setattr(sandbox, '_warned', set())
+    assert run(OK, timeout=0.3) == 'error' and run(OK, timeout=0.3) == 'error'
+    assert capsys.readouterr().err.count('a zygote died') == 1
+    monkeypatch.undo()
+    assert run(OK) == 'pass'
+
+
+def test_zygotes_are_kept_for_the_next_run():
+    assert run(OK) == 'pass'
+    waiting = zygotes(processes())
+    assert run(WRONG) == 'fail' and run(OK) == 'pass' and zygotes(processes()) == waiting
 
 
 def test_child_runs_in_an_empty_folder_with_a_clean_environment():
