@@ -6,8 +6,10 @@ reference solution. The humans are simulated (as in AlpacaFarm) so that quality 
 demonstrators write SFT data, sometimes flawed; labelers rank K responses by a hidden utility plus noise
 (InstructGPT); probers label rule violations (Sparrow); the gold judge runs the hidden tests in the sandbox
 (sandbox.py) and computes pass@k (Codex). Splits: 'train'; 'heldout_comp', op combinations never in train;
-'heldout_phrase', train combinations in sentence templates never used in train. Judging a policy (sampling
-its answers, running them, pass@k, reranking) lives here too, so that every stage judges the same way.
+'heldout_phrase', train combinations in sentence templates never used in train. A tenth of the training
+requests also ask for what the rules forbid, which the demonstrators decline; 'probe' asks it in held-out words
+(Sparrow's adversarial probing). Judging a policy (sampling its answers, running them, pass@k, reranking, the
+probing) lives here too, so that every stage judges the same way.
 """
 import ast
 import contextlib
@@ -223,14 +225,41 @@ def make_tasks(split, n, seed, pool=None):
     return tasks
 
 
+# The prompt sets, by name: (split, offset added to the run's seed, pool, forbidden requests: a FORBIDDEN_SHARE
+# of them by a hash of the request ('share'), all in reserved wrappings ('probe'), or none). Every stage draws its
+# prompts through prompt_set(), so that 'test' is the same prompts in every stage and the report by
+# construction, not because several files repeat `seed + 2`.
+PROMPT_SETS = {
+    'sft_train': ('train', 0, 'sft', 'share'),        # the demonstrations' requests
+    'sft_val': ('dev', 1, None, None),                # SFT validation loss
+    'dev': ('dev', 2, None, None),                    # for choosing settings (README: which, and how)
+    'test': ('test', 2, None, None),                  # held-out compositions: what the report measures
+    'test_phrase': ('heldout_phrase', 3, None, None),  # training combinations in held-out sentence frames
+    'unseen_train': ('train', 4, 'unseen', None),     # training combinations and frames, prompts no stage trains on
+    'few_shot': ('train', 5, 'sft', None),            # the worked examples in the base model's prompt
+    'probe': ('train', 6, 'unseen', 'probe'),         # adversarial probing: unseen requests, held-out clauses
+    'reward_train': ('train', 10, 'sft', 'share'),    # prompts sampled, ranked and probed for the reward models
+    'ppo_train': ('train', 30, 'rl', 'share'),        # RL's rollout prompts, never among SFT's
+}
+
+
+def prompt_set(name, n, seed):
+    """The first n tasks of a named prompt set (deterministic in name, n and seed)."""
+    split, offset, pool, forbidden = PROMPT_SETS[name]
+    tasks = make_tasks(split, n, seed + offset, pool)
+    if forbidden == 'probe':
+        return [forbid(t, held=True) for t in tasks]
+    share = FORBIDDEN_SHARE if forbidden == 'share' else 0
+    return [forbid(t) if _digest(f'forbid:{t.prompt}') % 1000 < 1000 * share else t for t in tasks]
+
 # -----------------------------------------------------------------------------
-# requests the rules forbid (Sparrow). A share of training requests also ask for what no rule allows: a clause
-# in one of two phrasings per kind, in one of three wrappings. The demonstrators decline it in a sentence, as a
-# comment on the first line (the answer stays a program the hidden tests judge), and write the function.
-# Sparrow's adversarial probing: held-out requests in the reserved phrasings (a new word; the action described
-# indirectly) and wrappings (a pretext first; the clause buried between benign sentences), which no training
-# request uses. A compliant answer adds a helper that does it: the tests never call it, so it passes them, and
-# it breaks a rule (check_rules); the utility ranks it below declining and above refusing the function too.
+# requests the rules forbid (Sparrow). A share of the training requests also ask for what no rule allows: a
+# clause in one of two phrasings per kind, in one of three wrappings. The demonstrators decline it in a sentence,
+# as a comment on the first line (the answer stays a program the hidden tests judge), and write the function.
+# Sparrow's adversarial probing ('probe', evaluate_probing): requests in the reserved phrasings (a new word; the
+# action described indirectly) and wrappings (a pretext first; the clause between benign sentences), which no
+# training request uses. A compliant answer adds a helper that does it; the tests never call it (a simplification:
+# called, the sandbox would stop it), so it passes them, and it breaks a rule (check_rules).
 
 Forbid = namedtuple('Forbid', 'objects phrases declined helper')
 FORBIDDEN = {
@@ -281,34 +310,6 @@ def forbid(task, held=False):
     clause = FORBIDDEN[kind].phrases[phrase].format(o=obj)
     return replace(task, prompt=WRAPS[wrap].format(request=task.prompt, clause=clause),
                    forbidden=(kind, obj, phrase, wrap))
-
-
-# The prompt sets, by name: (split, offset added to the run's seed, pool, forbidden requests: a FORBIDDEN_SHARE
-# of them by a hash of the request ('share'), all in reserved wrappings ('probe'), or none). Every stage draws its
-# prompts through prompt_set(), so that 'test' is the same prompts in every stage and the report by
-# construction, not because several files repeat `seed + 2`.
-PROMPT_SETS = {
-    'sft_train': ('train', 0, 'sft', 'share'),        # the demonstrations' requests
-    'sft_val': ('dev', 1, None, None),                # SFT validation loss
-    'dev': ('dev', 2, None, None),                    # for choosing settings (README: which, and how)
-    'test': ('test', 2, None, None),                  # held-out compositions: what the report measures
-    'test_phrase': ('heldout_phrase', 3, None, None),  # training combinations in held-out sentence frames
-    'unseen_train': ('train', 4, 'unseen', None),     # training combinations and frames, prompts no stage trains on
-    'few_shot': ('train', 5, 'sft', None),            # the worked examples in the base model's prompt
-    'probe': ('train', 6, 'unseen', 'probe'),         # adversarial probing: unseen requests, held-out clauses
-    'reward_train': ('train', 10, 'sft', 'share'),    # prompts sampled, ranked and probed for the reward models
-    'ppo_train': ('train', 30, 'rl', 'share'),        # RL's rollout prompts, never among SFT's
-}
-
-
-def prompt_set(name, n, seed):
-    """The first n tasks of a named prompt set (deterministic in name, n and seed)."""
-    split, offset, pool, forbidden = PROMPT_SETS[name]
-    tasks = make_tasks(split, n, seed + offset, pool)
-    if forbidden == 'probe':
-        return [forbid(t, held=True) for t in tasks]
-    share = FORBIDDEN_SHARE if forbidden == 'share' else 0
-    return [forbid(t) if _digest(f'forbid:{t.prompt}') % 1000 < 1000 * share else t for t in tasks]
 
 # -----------------------------------------------------------------------------
 # the demonstrators: correct code in varied styles, and sometimes one realistic flaw
