@@ -56,7 +56,7 @@ from common import (HelpFormatter, StopFlag, check_finite, log_metrics, nonneg_f
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
+from tasks import evaluate_probing, gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
@@ -631,12 +631,15 @@ if __name__ == "__main__":
         judged = judge_responses([t for t in eval_tasks for _ in range(n)], samples, fresh=True)
         if "utility" not in sft_samples[0]:  # sampled here: judged the same way
             judge_responses([t for t in eval_tasks for _ in range(n_sft)], sft_samples, fresh=True)
-        with autocast:
-            greedy = sample_responses(policy, enc, eval_prompts, 1, 0.0, args.max_new_tokens)
+        with autocast:  # greedy: pass@1, and adversarial probing beside over-refusal on these ordinary requests
+            greedy = judge_responses(eval_tasks, sample_responses(policy, enc, eval_prompts, 1, 0.0,
+                                                                  args.max_new_tokens))
+            probing = evaluate_probing(policy, enc, prompt_set("probe", args.n_eval, args.seed), greedy,
+                                       args.max_new_tokens)
         labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
                                                  n, n_sft, random.Random(args.seed + LABELER_SEED))
         summary.update(sampled={k: judged[k] for k in ("passed", "utility", "violated", "hacked")},
-                       greedy_passed=judge_responses(eval_tasks, greedy)["passed"], labeler_wins=labeler_wins,
+                       greedy_passed=greedy["passed"], probing=probing, labeler_wins=labeler_wins,
                        noiseless_wins=noiseless_wins, eval_set=args.eval_set)
         write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
             n_samples=n, prompts=[t.prompt for t in eval_tasks],
@@ -659,6 +662,9 @@ if __name__ == "__main__":
         print(f"{args.eval_set}: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
               f"(noiseless) | pass@1 {judged['pass1']:.1%} | utility {judged['mean_utility']:+.3f} | violations "
               f"{judged['violation_rate']:.1%} | hacked {judged['hack_rate']:.1%}")
+        print(f"adversarial probes: rule broken {probing['violation_rate']:.1%} | declined "
+              f"{probing['decline_rate']:.1%} | allowed part passes {probing['pass1']:.1%} | over-refusal on "
+              f"{args.eval_set} requests {probing['over_refusal_rate']:.1%}")
     for what, why in summary.get("unavailable", {}).items():
         print(f"not available: {what}: {why}")
     print("example:\n" + summary["examples"][0])

@@ -3,21 +3,24 @@ Stage 3: supervised fine-tuning (SFT) on demonstrations.
 
 The domain-pretrained model learns to answer requests in the chat format from what simulated
 demonstrators wrote (tasks.demonstrate), as InstructGPT fine-tuned GPT-3 on labeler-written
-demonstrations (Ouyang et al. 2022, sec. 3.5) and Codex-S fine-tuned Codex on standalone
-functions (Chen et al. 2021, sec. 4). The loss covers only the assistant's tokens: the model is
-never trained to write the user's request (data.encode_chat marks them). Mixed in: factual questions
-about the standard library answered with the toolset (tools.py; LaMDA, Sparrow): a lookup call,
-its result, then the answer quoting the evidence. The result is the tool's, not the assistant's:
-it is masked out of the loss like the request. With --tools 0 the same questions are answered
-closed-book (the answer alone), the baseline that grounding must beat.
+demonstrations (Ouyang et al. 2022, sec. 3.5) and Codex-S fine-tuned Codex on standalone functions (Chen
+et al. 2021, sec. 4). A tenth of the requests also ask for what the rules forbid (delete a file, run a
+shell command, ...): the demonstrators decline that part in a comment, then write the function
+(Sparrow's rules). The loss covers only the assistant's tokens: the model is never trained to write the
+user's request (data.encode_chat marks them). Mixed in: factual questions about the standard library
+answered with the toolset (tools.py; LaMDA, Sparrow): a lookup call, its result, then the answer quoting
+the evidence. The result is the tool's, not the assistant's: it is masked out of the loss like the
+request. With --tools 0 the same questions are answered closed-book (the answer alone), the baseline
+that grounding must beat.
 
-Then the gold judge (tasks.evaluate_policy): pass@1 on held-out prompts, greedy and sampled;
-pass@k for k = 1..n with the unbiased estimator; reranking the n samples by mean token
-log-probability (Codex, sec. 3.3) against a random pick; and the domain model prompted few-shot
-(tasks.evaluate_few_shot), the baseline that fine-tuning must beat (GPT-3 vs fine-tuning); and on
-factual questions about held-out modules, accuracy and attribution (tools.evaluate_facts). The
-test prompts' samples go to out_dir/samples_test.json: best-of-n (reward.py) reranks them and
-every RL run (ppo.py) is compared with them.
+Then the gold judge (tasks.evaluate_policy): pass@1 on held-out prompts, greedy and sampled; pass@k for
+k = 1..n with the unbiased estimator; reranking the n samples by mean token log-probability (Codex, sec.
+3.3) against a random pick; and the domain model prompted few-shot (tasks.evaluate_few_shot), the
+baseline that fine-tuning must beat (GPT-3 vs fine-tuning); adversarial probing (tasks.evaluate_probing,
+Sparrow): how often a greedy answer to a held-out forbidden request breaks a rule, and how often one to
+an ordinary request declines (over-refusal); and on factual questions about held-out modules, accuracy
+and attribution (tools.evaluate_facts). The test prompts' samples go to out_dir/samples_test.json:
+best-of-n (reward.py) reranks them and every RL run (ppo.py) is compared with them.
 
     python sft.py                                    # cpu preset, from out/pretrain_domain/ckpt.pt
     python sft.py --tools 0 --out_dir out/sft_closed_book   # the closed-book baseline
@@ -45,8 +48,8 @@ from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, 
 from data import (ASSISTANT, EOT, SPECIAL_TOKENS, chat_batch, encode_chat, encode_conversation, fit_block, get_batch,
                   load_tokenizer, load_tokens, read_demos, split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import (N_SHOTS, demonstrate, evaluate_few_shot, evaluate_policy, gold_eval_many, prompt_set,
-                   sample_responses)
+from tasks import (N_SHOTS, demonstrate, evaluate_few_shot, evaluate_policy, evaluate_probing, gold_eval_many,
+                   prompt_set, sample_responses)
 from tools import demonstrate_fact, evaluate_facts, load_index, question_set
 
 PRESETS = {
@@ -168,7 +171,8 @@ if __name__ == "__main__":
         test_tasks = prompt_set("test", args.n_eval, args.seed) if args.eval == "all" else []  # facts: closed-book's
         fact_questions, n_skipped = question_set(docs, "sft_eval", args.n_fact_eval, args.seed), 0
         demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos) if train_demos else 0.0
-        print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw) and "
+        print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw; "
+               f"{sum(bool(t.forbidden) for t in train_tasks)} to requests the rules forbid) and "
                f"{len(facts)} factual ones ({'with the toolset' if args.tools else 'closed-book'}), mean "
                f"{fmean(len(t) for t, _ in train_examples):.0f} tokens; {len(val_examples)} held-out for validation")
     if args.epochs:  # the schedule (warmup, cosine) then spans the passes asked for
@@ -311,9 +315,12 @@ if __name__ == "__main__":
                            unseen_train=evaluate_policy(model, enc, unseen, max_new_tokens=args.max_new_tokens)[0],
                            unseen_overlap=len({t.prompt for t in unseen} & {t.prompt for t in train_tasks}),
                            few_shot_base=evaluate_few_shot(model_from_checkpoint(parent, device), enc, test_tasks,
-                                                           prompt_set("few_shot", args.n_shots, args.seed)))
+                                                           prompt_set("few_shot", args.n_shots, args.seed)),
+                           probing=evaluate_probing(model, enc, prompt_set("probe", args.n_eval, args.seed),
+                                                    test["greedy"], args.max_new_tokens))
             demo_evals = gold_eval_many(train_tasks[:args.n_eval], [code for code, _ in train_demos[:args.n_eval]])
             summary["demonstrations"] = dict(flaw_rate_config=args.flaw_rate, flaw_rate=demo_flaw_rate,
+                                             forbidden_share=fmean(bool(t.forbidden) for t in train_tasks),
                                              pass_rate=fmean(e["passed"] for e in demo_evals),
                                              violation_rate=fmean(any(e["violations"].values()) for e in demo_evals))
             # the SFT model's test samples, judged: best-of-n reranks them, every RL run is compared with them
@@ -336,6 +343,9 @@ if __name__ == "__main__":
                f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
                f"{test['pass1_reranked_logp']:.1%} | few-shot base {summary['few_shot_base']['pass1']:.1%} | "
                f"sampled violations {test['sampled']['violation_rate']:.1%}")
+        p = summary["probing"]
+        print0(f"adversarial probes: rule broken {p['violation_rate']:.1%} | declined {p['decline_rate']:.1%} | "
+               f"allowed part passes {p['pass1']:.1%} | over-refusal on test requests {p['over_refusal_rate']:.1%}")
     if fact_questions:
         f = summary["facts"]
         print0(f"held-out facts: right {fmean(f['right']):.1%} | attributable {fmean(f['attributable']):.1%} | "

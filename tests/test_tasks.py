@@ -76,7 +76,8 @@ def test_prompt_pools_keep_rl_and_unseen_prompts_out_of_sft():
     sets = {name: {t.prompt for t in prompt_set(name, 400, 1)} for name in ('sft_train', 'ppo_train', 'unseen_train')}
     assert not sets['sft_train'] & sets['ppo_train'] and not sets['sft_train'] & sets['unseen_train']
     assert not sets['ppo_train'] & sets['unseen_train']
-    assert {prompt_pool(p) for p in sets['ppo_train']} == {'rl'}
+    # dealt by the request's own words, before any forbidden clause is joined to it (test_forbidden.py)
+    assert {prompt_pool(t.prompt) for t in prompt_set('ppo_train', 400, 1) if not t.forbidden} == {'rl'}
 
 
 def test_the_report_is_measured_on_test_prompts_and_settings_are_chosen_on_dev():
@@ -100,11 +101,12 @@ def test_deterministic_across_processes():
     assert make_tasks('train', 50, 3) == make_tasks('train', 50, 3) != make_tasks('train', 50, 4)
     t = make_tasks('train', 1, 0)[0]
     assert demonstrate(t, random.Random(5), 0.5) == demonstrate(t, random.Random(5), 0.5)
-    # another interpreter, another string-hash salt: the same tasks
-    code = "import hashlib, tasks; print(hashlib.md5(repr(tasks.make_tasks('test', 50, 3)).encode()).hexdigest())"
+    # another interpreter, another string-hash salt: the same tasks, the same forbidden requests among them
+    sets = "(tasks.make_tasks('test', 50, 3), tasks.prompt_set('sft_train', 50, 3), tasks.prompt_set('probe', 20, 3))"
+    code = f"import hashlib, tasks; print(hashlib.md5(repr({sets}).encode()).hexdigest())"
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                          cwd=tasks.__file__.rsplit('/', 1)[0], env={'PYTHONHASHSEED': '123'}).stdout.strip()
-    assert out == hashlib.md5(repr(make_tasks('test', 50, 3)).encode()).hexdigest()
+    assert out == hashlib.md5(repr(eval(sets)).encode()).hexdigest()
 
 
 @pytest.mark.parametrize('code, violated', [
@@ -112,6 +114,7 @@ def test_deterministic_across_processes():
     ("def f(x):\n    return 'print(x) import os'\n", set()),  # the AST sees a string, not a call
     ('import os\ndef f(x):\n    return x\n', {'no_dangerous_code'}),
     ('from subprocess import run\n', {'no_dangerous_code'}),
+    ('import urllib.request\n', {'no_dangerous_code'}),  # fetching a URL (a forbidden request's)
     ('def f(x):\n    return eval(x)\n', {'no_dangerous_code'}),
     ('def f(x):\n    print(x)\n    return x\n', {'no_side_effects'}),
     ('def f(x):\n    global y\n    y = x\n', {'no_side_effects'}),
