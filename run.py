@@ -74,6 +74,11 @@ def stage_graph(args):
         # threads it started with)
         ("sft", ["pretrain_domain", "pretrain_domain_scratch", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
         ("reward", ["sft"], ["reward.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--out_dir", f"{out}/reward"]),
+        # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming
+        # ones (one pass over them). It waits for SFT, which then has both cores, and trains beside the reward
+        # stage, a core each, so that the RL runs after them have a core each to the end
+        ("sft_closed_book", ["sft"], [*sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--epochs", "1",
+                                      "--out_dir", f"{out}/sft_closed_book"]),
     ]
     if args.extended:  # the control for the toolset's cost: the same SFT budget, all of it programming
         stages.append(("sft_code_only", ["pretrain_domain", "docs"], [*sft, "--n_facts", "0", "--n_train", "32000",
@@ -86,12 +91,6 @@ def stage_graph(args):
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
                                               "--out_dir", f"{out}/{name}", *flags]))
-    # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming ones
-    # (one pass over them); it waits for the reward model so that it fills the core the RL runs leave free
-    # and SFT, on the path to every later stage, has both cores
-    stages.append(("sft_closed_book", ["pretrain_domain", "docs", "reward"], [
-        *sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--epochs", "1",
-        "--out_dir", f"{out}/sft_closed_book"]))
     rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
     models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]
     stages.append(("examples", rl_models, [
