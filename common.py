@@ -183,6 +183,23 @@ def trim_log(path, key, resume_at):
             f.writelines(kept)
 
 
+def follow_core_share():
+    """Take the cores run.py gives this stage now. Two stages side by side get a core each; when one
+    ends, run.py writes the other's new share to the file $RUN_THREADS_FILE names, and the stage, calling
+    this between steps, grows into the freed core (torch.set_num_threads), where a stage once kept the
+    threads it started with to its end. Outside run.py: nothing."""
+    path = os.environ.get("RUN_THREADS_FILE")
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            threads = int(f.read())
+    except (OSError, ValueError):  # not written yet, or mid-replace: the next call reads it
+        return
+    if threads >= 1 and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 class StopFlag:
     """Ctrl-C sets a flag instead of raising mid-step, so the loop can save a consistent state
     (after a whole optimizer step) and exit; a second Ctrl-C stops at once."""

@@ -51,17 +51,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, check_finite, log_metrics, nonneg_float, nonneg_int, parse_args,
-                    positive_float, positive_int, setup_device, trim_log, write_json)
+from common import (HelpFormatter, StopFlag, check_finite, follow_core_share, log_metrics, nonneg_float, nonneg_int,
+                    parse_args, positive_float, positive_int, setup_device, trim_log, write_json)
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
 from tasks import evaluate_probing, gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
 
 PRESETS = {
-    "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16),
-    "cpu": dict(iterations=30, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150),
-    "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500),
+    "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4),
+    "cpu": dict(iterations=26, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150, ptx_batch=2),
+    "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500, ptx_batch=4),
 }
 PTX_SEED, LABELER_SEED, GENERIC_VAL_SEED = 1, 40, 0  # seed offsets: ptx batches, labelers; fixed windows
 GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 batches of 8 windows
@@ -392,7 +392,7 @@ def parse_flags(argv=None):
     parser.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="clip each model's gradient norm (0: off)")
     parser.add_argument("--ptx_coef", type=nonneg_float, default=0.0, help="pretraining loss weight (PPO-ptx); "
                         "0: plain PPO")
-    parser.add_argument("--ptx_batch", type=positive_int, default=4, help="generic-text sequences per ptx minibatch")
+    parser.add_argument("--ptx_batch", type=positive_int, help="generic-text sequences per ptx minibatch")
     # evaluation
     parser.add_argument("--eval_set", default="test", choices=("test", "dev"), help="held-out prompts to judge on: "
                         "dev for choosing settings, test for the report")
@@ -516,6 +516,7 @@ if __name__ == "__main__":
             break
 
         # ---------------- ROLLOUT ----------------
+        follow_core_share()
         t0 = time.perf_counter()
         this = slice(it * prompts_per_iteration, (it + 1) * prompts_per_iteration)
         prompts = [p for p in prompt_pool[this] for _ in range(args.group_size)]  # group_size times, side by side
@@ -601,6 +602,7 @@ if __name__ == "__main__":
     # for these prompts, else sampled here the same way): the reward model's scores and the lengths of both, the
     # KL to SFT, the generic-text loss before and after; where the world's gold judge is, its verdicts and the
     # simulated labelers' win rate against SFT, sample by sample (your prompts have no hidden tests, no labeler)
+    follow_core_share()
     n, t0 = args.eval_samples, time.time()
     sft_path = os.path.join(os.path.dirname(args.sft), f"samples_{args.eval_set}.json")
     with autocast:

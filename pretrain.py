@@ -33,7 +33,7 @@ PRESETS = {
     "quick": dict(n_layer=2, n_head=2, n_embd=64, block_size=256, batch_size=4, total_batch_tokens=1024,
                   max_steps=30, warmup_steps=5, lr=3e-3, eval_interval=10, eval_batches=4, log_interval=5),
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, batch_size=16, total_batch_tokens=4096,
-                max_steps=300, warmup_steps=30, lr=6e-3, eval_interval=50, eval_batches=8, log_interval=10),
+                max_steps=300, warmup_steps=30, lr=6e-3, eval_interval=60, eval_batches=8, log_interval=10),
     # gpu: sized to the installed-packages corpus (data.py --corpus installed, ~20M domain tokens):
     # 25M parameters, 40M tokens, about two epochs of the domain corpus, so validation loss still
     # falls at the end; GPT-2 small (12x768) is bench/gpu_check.py's benchmark shape, not a preset

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, check_finite, cosine_lr, fraction, log_metrics, nonneg_float, parse_args,
-                    positive_float, positive_int, print0, setup_device, setup_distributed, write_json)
+from common import (HelpFormatter, check_finite, cosine_lr, follow_core_share, fraction, log_metrics, nonneg_float,
+                    parse_args, positive_float, positive_int, print0, setup_device, setup_distributed, write_json)
 from data import EOT, encode_chat, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
 from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
@@ -289,6 +289,7 @@ if __name__ == "__main__":
             break
 
         # ---------------- TRAINING SECTION ----------------
+        follow_core_share()
         if len(order) < args.prompts_per_step:  # a new epoch, in a new order
             order = order_rng.sample(range(len(train_records)), len(train_records))
         batch = [train_records[order.pop()] for _ in range(args.prompts_per_step)][rank::world]  # this rank's share
@@ -334,6 +335,7 @@ if __name__ == "__main__":
     # the final summary: held-out pairwise accuracy against the labels learned (the labelers', or yours); where
     # the world's gold judge is, against the gold order and the gold rule checker, and best-of-n over the SFT
     # model's own test samples, judged (sft.py wrote them): the proxy reward and the gold utility as n grows
+    follow_core_share()
     t0 = time.time()
     val_scores, val_rules = score_records(val_records)
     summary = dict(val_acc=pair_accuracy(val_scores, val_records, "ranking"),

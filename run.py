@@ -123,6 +123,13 @@ def stage_done(folder):
     return not os.path.exists(ckpt) or torch.load(ckpt, map_location="cpu", weights_only=True).get("finished", True)
 
 
+def share_cores(running, out):
+    """Each running stage's share of the cores, in its folder's `threads` file: a stage that outlives its
+    neighbour takes the freed core between two of its steps (common.follow_core_share)."""
+    for name in running:
+        write_json(os.path.join(out, name, "threads"), max(1, (os.cpu_count() or 1) // len(running)))
+
+
 def run_stages(stages, done, out, jobs, timings, wall):
     """Run the stages not in `done`, up to `jobs` at a time, each as soon as the stages it needs are
     done (each is added to `done` as it finishes). With more than one at a time, each writes its
@@ -140,13 +147,14 @@ def run_stages(stages, done, out, jobs, timings, wall):
             folder = os.path.join(out, name)
             os.makedirs(folder, exist_ok=True)
             threads = max(1, (os.cpu_count() or 1) // min(jobs, len(running) + len(ready)))
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), RUN_THREADS_FILE=os.path.join(folder, "threads"))
             log = None if jobs == 1 else open(os.path.join(folder, "stdout.log"), "a")
             print(f"== {name}: python {' '.join(command)}" + (f"  (log: {folder}/stdout.log)" if log else ""),
                   flush=True)
             proc = subprocess.Popen([sys.executable, *command], env=env, stdout=log, stderr=subprocess.STDOUT if log
                                     else None)
             running[name] = (proc, time.time(), log)
+            share_cores(running, out)
         time.sleep(0.2)
         for name, (proc, t0, log) in list(running.items()):
             if proc.poll() is None:
@@ -164,6 +172,7 @@ def run_stages(stages, done, out, jobs, timings, wall):
                 raise SystemExit(f"stage {name} failed (exit code {proc.returncode})" +
                                  (f"; its output is in {out}/{name}/stdout.log" if log else ""))
             done.add(name)
+            share_cores(running, out)
             print(f"== {name}: done in {timings[name]:.0f} s", flush=True)
 
 

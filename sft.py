@@ -42,9 +42,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, fraction, log_metrics,
-                    nonneg_float, nonneg_int, parse_args, print0, positive_float, positive_int, setup_device,
-                    setup_distributed, synchronize, trim_log, write_json)
+from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, follow_core_share, fraction,
+                    log_metrics, nonneg_float, nonneg_int, parse_args, print0, positive_float, positive_int,
+                    setup_device, setup_distributed, synchronize, trim_log, write_json)
 from data import (ASSISTANT, EOT, SPECIAL_TOKENS, chat_batch, encode_chat, encode_conversation, fit_block, get_batch,
                   load_tokenizer, load_tokens, read_demos, split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -257,6 +257,7 @@ if __name__ == "__main__":
             break
 
         # ---------------- TRAINING SECTION ----------------
+        follow_core_share()
         t0 = time.perf_counter()
         if not batches:
             batches = length_grouped_batches(train_examples, args.batch_size, batch_rng)
@@ -301,6 +302,7 @@ if __name__ == "__main__":
     # the final summary: the held-out loss and greedy answers to held-out requests (each demonstration cut after
     # its last <|assistant|>); the gold judge where the data has one: pass@1, pass@k, reranking and the base
     # model prompted few-shot on the test requests, accuracy and attribution on the factual questions
+    follow_core_share()
     t0 = time.time()
     summary = dict(val_loss=val, n_train=len(train_examples), n_val=len(val_examples), n_skipped=n_skipped,
                    n_facts=len(facts), tools=args.tools, train_seconds=train_seconds)

@@ -30,3 +30,27 @@ def test_quick_pipeline_runs_every_stage_and_reports(tmp_path):
     assert ptx["ptx_coef"] > 0 and len(ptx["labeler_wins"]) == len(ptx["sampled"]["passed"]) > 0
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # finished stages are skipped
     assert again.returncode == 0 and again.stdout.count("done already") == len(STAGES)
+
+
+def test_a_stage_left_alone_takes_the_freed_core(tmp_path, monkeypatch):
+    import torch
+
+    import run
+    from common import follow_core_share
+    for name in ("ppo", "ppo_ptx"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    run.share_cores({"ppo": None, "ppo_ptx": None}, str(tmp_path))  # side by side: a core each
+    assert [json.loads((tmp_path / n / "threads").read_text()) for n in ("ppo", "ppo_ptx")] == [1, 1]
+    run.share_cores({"ppo_ptx": None}, str(tmp_path))  # ppo ended: its neighbour gets both
+    assert json.loads((tmp_path / "ppo_ptx" / "threads").read_text()) == 2
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("RUN_THREADS_FILE", str(tmp_path / "ppo" / "threads"))
+        follow_core_share()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("RUN_THREADS_FILE", str(tmp_path / "ppo_ptx" / "threads"))
+        follow_core_share()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
