@@ -1,6 +1,7 @@
 """
 Sandbox throughput: programs per second through tasks.execute_many, each in its own sandboxed
-process, on this machine's cores. The target: at least 150 programs/s on two cores. As root each child
+process forked from a zygote, on this machine's cores. The target: at least 500 programs/s on two cores
+(an interpreter started per program gave about 140). As root each child
 also drops root (chroot, a uid of its own), so run it the way the pipeline runs.
 
     python bench/sandbox.py                  # 400 small correct programs, 3 times
