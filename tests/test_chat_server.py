@@ -23,8 +23,11 @@ NODE, CHROMIUM = shutil.which("node"), shutil.which("chromium") or shutil.which(
 
 def start(*args):
     """chat.py --serve on a free port: (process, host, port) once it serves."""
+    # Ctrl-C as a terminal sends it, even where this suite runs in the background (`cmd &` ignores SIGINT, and a
+    # child inherits that): the server must see the signal the test sends
     proc = subprocess.Popen([sys.executable, "chat.py", "--no_tools", "--serve", "--port", "0", *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()
     assert "serving" in line, proc.stderr.read()
     host, port = re.search(r"http://\[?([^\]/]+?)\]?:(\d+)/", line).groups()
