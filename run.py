@@ -70,8 +70,7 @@ def stage_graph(args):
         ("pretrain_domain", ["pretrain_generic"], ["pretrain.py", *preset, *tok, "--data", f"{out}/data/domain",
                                                    "--init_from", f"{out}/pretrain_generic/ckpt.pt",
                                                    "--out_dir", f"{out}/pretrain_domain"]),
-        # SFT also waits for the baseline, which ends with it, so that it starts with both cores (a stage keeps the
-        # threads it started with)
+        # SFT also waits for the baseline, which ends with it, so that it has both cores from its first step
         ("sft", ["pretrain_domain", "pretrain_domain_scratch", "docs"], [*sft, "--out_dir", f"{out}/sft"]),
         ("reward", ["sft"], ["reward.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--out_dir", f"{out}/reward"]),
         # the toolset's baseline: the same factual demonstrations answered closed-book, without the programming
