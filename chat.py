@@ -1,7 +1,7 @@
 """
 Talk to any stage's model: a terminal chat, one-shot answers for scripts, models side by side with the reward
 models' and the gold judge's notes, and a local web page (chat.html). A pretrained model continues text (a task
-of the world gets the few-shot prompt of tasks.evaluate_few_shot); an SFT or PPO policy answers in the chat
+of the world gets the few-shot prompt of judge.evaluate_few_shot); an SFT or PPO policy answers in the chat
 format, calling its tools. Answers stream from model.generate_stream, the engine every stage samples with.
 
     python chat.py out/sft                                      # terminal chat
@@ -37,8 +37,8 @@ import torch
 from common import HelpFormatter, setup_device, write_json
 from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
-from tasks import (FEW_SHOT_TOKENS, N_SHOTS, PROMPT_SETS, RULES, best_of_n, extract_code, few_shot_prompt,
-                   gold_eval_many, prompt_set)
+from judge import FEW_SHOT_TOKENS, N_SHOTS, best_of_n, extract_code, few_shot_prompt, gold_eval_many
+from tasks import PROMPT_SETS, RULES, declines, prompt_set
 from tools import ToolRunner, load_index
 
 SETTINGS = dict(temperature=(float, 0.0, 2.0, 0.6), top_k=(int, 0, 10**6, 50),  # name: (type, low, high, default)
@@ -173,7 +173,8 @@ def annotate(ctx, results, sequences, task):
             r.update(reward=round(score, 4), rules={name: round(q, 4) for name, q in zip(sc.names, p)})
     if task is not None:  # the hidden tests in the sandbox, the rule checker, the noiseless utility
         for r, g in zip(results, gold_eval_many([task] * len(results), [r.get("code", r["text"]) for r in results])):
-            r["gold"] = dict(result=g["result"], utility=round(g["utility"], 4), violations=g["violations"])
+            r["gold"] = dict(result=g["result"], utility=round(g["utility"], 4), violations=g["violations"],
+                             declined=declines(r.get("code", r["text"])))
     return results
 
 
@@ -181,8 +182,10 @@ def answer(ctx, m, request, history, task, s, generator, emit):
     """One model's answer: its text streamed through emit as it grows, then its notes; a chat model's history
     gains the turn, as the engine wrote it."""
     block, pretrained = m.gpt.config.block_size, m.stage == "pretrain"
+    if pretrained and task is not None and task.history:
+        return emit(dict(model=m.name, note="a base model answers a single request (few-shot), not a conversation"))
     max_new = min(s["max_tokens"], FEW_SHOT_TOKENS) if pretrained and task else s["max_tokens"]
-    if pretrained:  # plain text, or the few-shot prompt of tasks.evaluate_few_shot
+    if pretrained:  # plain text, or the few-shot prompt of judge.evaluate_few_shot
         text = few_shot_prompt(ctx.shots, task, [t.reference for t in ctx.shots]) if task else request
         prompt, dropped = (ctx.enc.encode_ordinary(text)[-(block - max_new):] if max_new < block else None), 0
     else:
@@ -219,7 +222,7 @@ def answer(ctx, m, request, history, task, s, generator, emit):
 
 def best_of(ctx, m, request, history, task, s, generator, emit):
     """N samples from a chat model (at temperature 1 when greedy, which would give N copies) and the one that
-    tasks.best_of_n picks: drop those the rule model flags, then the highest reward (Sparrow, LaMDA)."""
+    judge.best_of_n picks: drop those the rule model flags, then the highest reward (Sparrow, LaMDA)."""
     n, (prompt, _) = ctx.best_of, fit_conversation(ctx.enc, history, request, m.gpt.config.block_size, s["max_tokens"])
     if prompt is None:
         return None
@@ -320,6 +323,8 @@ def run_terminal(ctx, s, lines, stats, label, record=None):
                 elif cmd != "reset":
                     raise ValueError(f"commands: /reset /quit /task [SET[:INDEX]] /{' /'.join(SETTINGS)} VALUE")
                 histories = {} if cmd in ("reset", "task") else histories
+                if task is not None:  # a conversation of the world goes on from its earlier turns, in every model
+                    histories = {m.name: list(task.history) for m in ctx.models}
                 gens = None if cmd == "seed" else gens
                 print(f"({cmd} = {s[cmd]})" if cmd in SETTINGS else "(new conversation)", file=sys.stderr)
             except (ValueError, argparse.ArgumentTypeError) as e:
@@ -331,6 +336,8 @@ def run_terminal(ctx, s, lines, stats, label, record=None):
         gens = gens or sample_streams(ctx, s["seed"])
         request = task.prompt if task else line
         if label or task:
+            for q, a in task.history if task else ():
+                print(f"=== {line}, earlier: {q}\n{a}", file=sys.stdout if label else sys.stderr)
             print(f"=== {line}: {request}" if task else f"=== {request}", file=sys.stdout if label else sys.stderr)
         turn = {name: list(h) for name, h in histories.items()}  # the histories after this turn, if it completes
         try:
@@ -340,7 +347,9 @@ def run_terminal(ctx, s, lines, stats, label, record=None):
             continue
         histories = turn
         if record is not None:  # timings only with --stats, so that the file is the same on every run
-            record.append(dict(request=request, task=line if task else None, answers=[
+            record.append(dict(request=request, task=line if task else None,
+                               history=[list(turn) for turn in task.history] if task else [],
+                               follow_up=task.follow_up[0] if task and task.follow_up else None, answers=[
                 {k: v for k, v in r.items() if stats or k not in ("ttft_s", "tok_per_s")} for r in results]))
 
 # -----------------------------------------------------------------------------
@@ -362,7 +371,8 @@ def parse_chat(ctx, body):
             raise ValueError('task must be {"split": SET, "index": N}')
         split, index = task_spec(f"{t['split']}:{t['index']}")
     task = task_list(split, ctx.world_seed)[index] if t is not None else None
-    request, history = (task.prompt, {}) if task else (body.get("request"), body.get("history", {}))
+    request, history = ((task.prompt, {m.name: [list(turn) for turn in task.history] for m in ctx.models}) if task
+                        else (body.get("request"), body.get("history", {})))
     if not isinstance(request, str) or not 0 < len(request.strip()) <= MAX_REQUEST:
         raise ValueError(f"request must be a string of 1 to {MAX_REQUEST} characters")
     if not isinstance(history, dict) or not all(isinstance(h, list) and all(isinstance(p, list) and len(p) == 2 and all(
@@ -434,7 +444,8 @@ def serve(ctx, server, host):
                                      f"{q.get('index', [random.randrange(TASK_LIMIT)])[0]}")
             except argparse.ArgumentTypeError as e:
                 return self.reply(400, dict(error=str(e)))
-            self.reply(200, dict(split=split, index=i, prompt=task_list(split, ctx.world_seed)[i].prompt))
+            task = task_list(split, ctx.world_seed)[i]
+            self.reply(200, dict(split=split, index=i, prompt=task.prompt, history=[list(t) for t in task.history]))
 
         def do_POST(self):
             length = int(n) if (n := self.headers.get("Content-Length", "")).isdigit() else -1

@@ -53,10 +53,11 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, check_finite, follow_core_share, log_metrics, nonneg_float, nonneg_int,
                     parse_args, positive_float, positive_int, setup_device, trim_log, write_json)
-from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
+from data import (EOT, END, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import evaluate_probing, gold_eval_many, judge_responses, prompt_set, sample_responses, win_rates
+from judge import evaluate_followups, evaluate_probing, followup_line, gold_eval_many, judge_responses, sample_responses
+from tasks import encode_task, prompt_set, win_rates
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4),
@@ -449,7 +450,7 @@ if __name__ == "__main__":
     else:
         task_pool, eval_tasks = prompt_set("ppo_train", n_pool, args.seed), prompt_set(args.eval_set, args.n_eval,
                                                                                        args.seed)
-        prompt_pool, eval_prompts = ([encode_chat(enc, t.prompt)[0] for t in ts] for ts in (task_pool, eval_tasks))
+        prompt_pool, eval_prompts = ([encode_task(enc, t)[0] for t in ts] for ts in (task_pool, eval_tasks))
         n_skipped = 0
     generic_train, generic_val = (load_tokens(args.generic_data, split, enc) for split in ("train", "val"))
 
@@ -638,10 +639,12 @@ if __name__ == "__main__":
                                                                   args.max_new_tokens))
             probing = evaluate_probing(policy, enc, prompt_set("probe", args.n_eval, args.seed), greedy,
                                        args.max_new_tokens)
+            followups = evaluate_followups(policy, enc, prompt_set("followup", args.n_eval, args.seed),
+                                           args.max_new_tokens)
         labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
                                                  n, n_sft, random.Random(args.seed + LABELER_SEED))
         summary.update(sampled={k: judged[k] for k in ("passed", "utility", "violated", "hacked")},
-                       greedy_passed=greedy["passed"], probing=probing, labeler_wins=labeler_wins,
+                       greedy_passed=greedy["passed"], probing=probing, followups=followups, labeler_wins=labeler_wins,
                        noiseless_wins=noiseless_wins, eval_set=args.eval_set)
         write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
             n_samples=n, prompts=[t.prompt for t in eval_tasks],
@@ -667,6 +670,7 @@ if __name__ == "__main__":
         print(f"adversarial probes: rule broken {probing['violation_rate']:.1%} | declined "
               f"{probing['decline_rate']:.1%} | allowed part passes {probing['pass1']:.1%} | over-refusal on "
               f"{args.eval_set} requests {probing['over_refusal_rate']:.1%}")
+        print(followup_line(followups))
     for what, why in summary.get("unavailable", {}).items():
         print(f"not available: {what}: {why}")
     print("example:\n" + summary["examples"][0])

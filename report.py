@@ -99,7 +99,7 @@ def load_runs(out):
     runs["ppo_runs"] = {name: read_json(f"{out}/{name}/summary.json") for name in RL_RUNS
                         if os.path.exists(f"{out}/{name}/summary.json")}
     runs["sft_samples"] = read_json(f"{out}/sft/samples_test.json")
-    for name in ("sft_code_only", "sft_no_replay"):  # --extended's controls
+    for name in ("sft_code_only", "sft_no_replay", "best_of_dialogue"):  # --extended's controls and best-of-n
         if os.path.exists(f"{out}/{name}/summary.json"):
             runs[name] = read_json(f"{out}/{name}/summary.json")
     return runs
@@ -460,30 +460,77 @@ def report_variants(out, r):
     return lines
 
 
-def report_probing(r):
-    """Sparrow's adversarial probing: rules broken on held-out forbidden requests, over-refusal on ordinary ones."""
+def best_of_dialogue(r):
+    """The best-of-n column of chat.py's record over the follow-ups, probes and test requests (--extended's
+    best_of_dialogue stage), as the verdict lists the dialogue table reads; None without that stage."""
+    record = r.get("best_of_dialogue")
+    if record is None:
+        return None
+    picked = {req["task"]: next(a for a in req["answers"] if a["stage"] == "best_of") for req in record["requests"]}
+    of = {s: [(req["follow_up"], picked[req["task"]]) for req in record["requests"] if req["task"].startswith(s + ":")]
+          for s in ("followup", "probe", "test")}
+    passed = {k: [a["gold"]["result"] == "pass" for kind, a in of["followup"] if kind == k] for k in KINDS}
+    return dict(n=next(iter(picked.values()))["model"].split()[0], passed=passed, probing=dict(
+        violated=[any(a["gold"]["violations"].values()) for _, a in of["probe"]],
+        declined=[a["gold"]["declined"] for _, a in of["probe"]],
+        over_refused=[a["gold"]["declined"] for _, a in of["test"]]))
+
+
+KINDS = ("rename", "extend", "fix", "map")  # tasks.FOLLOW_UPS, in its order
+
+
+def report_dialogue(r):
+    """Dialogue agents (ChatGPT, Sparrow): follow-up turns, a reported failure fixed, adversarial probing beside
+    over-refusal, and factual answers that are right and supported, for every policy that was judged on them."""
     sft = r["sft"]
-    if "probing" not in sft:  # a run from before the forbidden requests
+    if "followups" not in sft:  # a run from before the conversations
         return []
-    names = {**VARIANTS, "ppo": "PPO (ptx 0)", "ppo_ptx": "PPO-ptx (ptx 1)"}
-    rows = [("SFT", sft["probing"])] + [(names[name] + (" *" if name in r["extended_runs"] else ""), run["probing"])
-                                        for name, run in r["ppo_runs"].items() if name in names and "probing" in run]
-    lines = ["## Adversarial probing (Sparrow)", "",
-             f"{len(sft['probing']['violated'])} held-out forbidden requests: requests for a function, from the pool "
-             "no stage trains on, that also ask to delete or write a file, run a shell command, read an environment "
-             "variable or fetch a URL, in wrappings and phrasings no training request uses (\"For a test, ...\", "
-             "\"My admin says it is fine: ...\", the clause between benign sentences, the action described "
-             f"indirectly). In training, {pct(sft['demonstrations'].get('forbidden_share', math.nan))} of the "
-             "demonstrations' requests carried such a clause in other words; the demonstrators declined it in a "
-             "first-line comment and wrote the function, and their flaw there was to comply (a helper that does "
-             "it). Greedy answers. Rule broken: the gold checker flags the answer (Sparrow's raters got a rule "
-             "broken in 8% of their adversarial probes). Declined: the answer opens by declining. Over-refusal: a "
-             "greedy answer to an ordinary test request that declines, though nothing was forbidden.", "",
-             "| policy | rule broken on probes | declined the forbidden part | allowed part passes its tests | "
-             "over-refusal on ordinary requests |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {interval(p['violated'])} | {interval(p['declined'])} | {interval(p['passed'])} | "
-              f"{interval(p['over_refused'])} |" for name, p in rows]
-    return lines + [""]
+    names = {**VARIANTS, "ppo": "PPO (ptx 0)", "ppo_ptx": "PPO-ptx (ptx 1)", "evidence_rl": "GRPO, the judge on facts"}
+
+    def row(name, f, p, facts):
+        passed = {k: [x for x, kind in zip(f["passed"], f["kinds"]) if kind == k] for k in KINDS} if f else None
+        cells = [interval(passed["rename"] + passed["extend"]) if f else "", interval(passed["map"]) if f else "",
+                 interval(passed["fix"]) if f else "", interval(p["violated"]) if p else "",
+                 interval(p["declined"]) if p else "", interval(p["over_refused"]) if p else "",
+                 interval([a and b for a, b in zip(facts["right"], facts["attributable"])]) if facts else ""]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
+    rows = [row("SFT", sft["followups"], sft["probing"], sft.get("facts"))]
+    if bon := best_of_dialogue(r):
+        rows.append(row(f"{bon['n']} (the SFT model) *", dict(passed=[x for k in KINDS for x in bon["passed"][k]],
+                                                            kinds=[k for k in KINDS for _ in bon["passed"][k]]),
+                        bon["probing"], None))
+    rows += [row(names[name] + (" *" if name in r["extended_runs"] else ""), run.get("followups"), run.get("probing"),
+                 run.get("facts")) for name, run in r["ppo_runs"].items() if name in names]
+    if "sft_no_replay" in r:  # the model that copies less: what the same data gives without the replay
+        rows.append(row(f"SFT without replay * (induction {pct(r['sft_no_replay']['facts']['induction'])})",
+                        r["sft_no_replay"].get("followups"), r["sft_no_replay"].get("probing"),
+                        r["sft_no_replay"].get("facts")))
+    f, p = sft["followups"], sft["probing"]
+    n = {k: f["kinds"].count(k) for k in KINDS}
+    split = [v for v, s in zip(p["violated"], p.get("split", [])) if s]
+    lines = ["## Dialogue agents: follow-ups, mistakes owned, rules under probing, evidence (ChatGPT, Sparrow)", "",
+             f"Follow-ups: {sum(n.values())} conversations that start from requests no stage trains on; the first "
+             "answer is a demonstrator's (every policy answers in the same context), the last turn is the policy's, "
+             "greedy, judged by the hidden tests of the function that turn asks for. Trained kinds "
+             f"({n['rename']} renames, {n['extend']} extensions, each extension into a held-out composition); "
+             f"the held-out kind ({n['map']} \"make it take a list\", no training conversation asks it); after a "
+             f"reported failure ({n['fix']}: the first answer has a constant off by one and the user says what a call "
+             "returned and should return), the fix rate. In training, a fifth of the requests went on for a second "
+             "turn, some for a third. Probing: the held-out forbidden requests of Sparrow's adversarial probing (a "
+             "third of them split over two turns: the request answered, then the forbidden part alone); rule broken "
+             "by the gold checker (Sparrow: 8%); over-refusal on ordinary test requests. Right and supported: the "
+             "toolset's held-out questions answered right with a quote found in the right entry (Sparrow: 78% "
+             "supported and plausible). Rows marked * come from `python run.py --extended`; a blank cell was not "
+             "measured for that policy.", "",
+             "| policy | follow-up pass@1 (rename, extend) | held-out kind (map) | fixed after a reported failure | "
+             "rule broken on probes | declined the forbidden part | over-refusal | right and supported |",
+             "|---" * 8 + "|", *rows]
+    owned = [a for a, kind in zip(f["admitted"], f["kinds"]) if kind == "fix"]
+    lines += ["", f"The SFT model owned up to the mistake in its first line in {pct(fmean(owned))} of the reported "
+              "failures (\"You're right: I used ...\", as the demonstrators do)"
+              + (f"; on the probes split over two turns it broke a rule in {pct(fmean(split))}." if split else "."), ""]
+    return lines
 
 
 def report_examples(out):
@@ -496,6 +543,8 @@ def report_examples(out):
              "model's score, "
              "the rule model's flags and the hidden tests' verdict.", ""]
     for request in ex["requests"]:
+        for q, a in request.get("history", []):  # a conversation: its earlier turns, a demonstrator's answers
+            lines += [f"**{q}**", "", "(earlier answer)", "", "```python", a.rstrip(), "```", ""]
         lines += [f"**{request['request']}**", ""]
         for a in request["answers"]:
             gold, flags = a.get("gold", {}), [k for k, p in a.get("rules", {}).items() if p > 0.5]
@@ -614,7 +663,7 @@ if __name__ == "__main__":
         lines += ["**A rehearsal**: every stage ran a few steps at the preset's shapes, to find what crashes; "
                   "its numbers say nothing about the models.", ""]
     lines += claims(out, r) + report_pretraining(out, r, timings) + report_sft(out, r, timings) + report_tools(out, r)
-    lines += report_reward(out, r) + report_ppo(out, r) + report_variants(out, r) + report_probing(r)
+    lines += report_reward(out, r) + report_ppo(out, r) + report_variants(out, r) + report_dialogue(r)
     lines += report_examples(out)
     change = what_ppo_changed(r)
     if change:

@@ -43,10 +43,10 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, check_finite, cosine_lr, follow_core_share, fraction, log_metrics, nonneg_float,
                     parse_args, positive_float, positive_int, print0, setup_device, setup_distributed, write_json)
-from data import EOT, encode_chat, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
+from data import EOT, encode_conversation, fit_block, load_tokenizer, read_pairs, split_held_out
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint, with_score_head
-from tasks import (RULES, best_of_n, demonstrate, gold_eval_many, labeler_agreement, labeler_rank, probe_rules,
-                   prompt_set, sample_responses)
+from judge import best_of_n, gold_eval_many, sample_responses
+from tasks import RULES, demonstrate, encode_task, labeler_agreement, labeler_rank, probe_rules, prompt_set
 
 PRESETS = {
     "quick": dict(n_prompts=48, lr=1e-3, best_of=(1, 2, 4)),
@@ -70,7 +70,7 @@ def pairwise_loss(rewards, ranking):
 def build_comparisons(policy, enc, tasks, k, seed, labeler_seed, prober_noise, max_new_tokens):
     """K samples per prompt from the policy, the gold judge's verdicts, one simulated labeler's
     ranking and the probers' rule labels. Returns one record per prompt."""
-    prompts = [encode_chat(enc, t.prompt)[0] for t in tasks]
+    prompts = [encode_task(enc, t)[0] for t in tasks]
     samples = sample_responses(policy, enc, prompts, k, 1.0, max_new_tokens, torch.Generator().manual_seed(seed))
     evals = gold_eval_many([t for t in tasks for _ in range(k)], [s["text"] for s in samples])
     rng = random.Random(labeler_seed)
@@ -213,7 +213,7 @@ if __name__ == "__main__":
         n_val, n_skipped = max(1, int(len(records) * args.val_share)), 0
         train_records, val_records = records[n_val:], records[:n_val]
         demo_rng = random.Random(args.seed + DEMO_SEED)  # InstructGPT: the demonstrators' answers score 0
-        normalize_on = [encode_chat(enc, t.prompt, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
+        normalize_on = [encode_task(enc, t, demonstrate(t, demo_rng, sft_ckpt["config"]["flaw_rate"])[0])[0]
                         for t in prompt_set("reward_train", args.n_prompts, args.seed)]
         agreement = labeler_agreement([r["utilities"] for r in records], random.Random(args.seed + AGREEMENT_SEED))
         print0(f"data: {len(train_records)} train / {len(val_records)} held-out prompts, K={args.k}: "

@@ -33,7 +33,9 @@ PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev
     "ppo_dev_beta0.05": (["--beta", "0.05", "--eval_set", "dev"], False),
     "ppo_dev_beta0.15": (["--eval_set", "dev"], False),
 }
-EXAMPLE_TASKS = ("test:0", "test:1", "test:2")  # the held-out requests the report shows every model answering
+EXAMPLE_TASKS = ("test:0", "test:1", "test:2",  # the held-out requests the report shows every model answering,
+                 "followup:1", "followup:2", "probe:2")  # and conversations: an extension, a reported failure, a split probe
+DIALOGUE_SETS = ("followup", "probe", "test")  # best-of-n judged on them (--extended), for the dialogue table
 # --rehearse: every stage for a few steps at the preset's shapes and on its data, through the GPU's code paths
 # (bf16 autocast; pretraining compiled) on whatever machine runs it, so that a crash at the gpu preset's shapes
 # shows up on a CPU before a card is paid for. Batches shrink to a few sequences (two micro-steps of 2 x 1024
@@ -90,6 +92,12 @@ def stage_graph(args):
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
                                               "--out_dir", f"{out}/{name}", *flags]))
+    if args.extended:  # best-of-n on the SFT model (chat.py's column) over the follow-ups, probes and test requests
+        n = {"quick": 4}.get(args.preset, 100)
+        stages.append(("best_of_dialogue", ["reward"], [
+            "chat.py", "--models", f"{out}/sft", "--reward_dir", f"{out}/reward", "--best_of", "16", "--temperature",
+            "0", *[a for s in DIALOGUE_SETS for i in range(n) for a in ("--task", f"{s}:{i}")], "--json",
+            f"{out}/best_of_dialogue/summary.json", "--tokenizer", f"{out}/tokenizer.json"]))
     rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
     models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]
     stages.append(("examples", rl_models, [

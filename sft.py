@@ -13,10 +13,10 @@ the evidence. The result is the tool's, not the assistant's: it is masked out of
 request. With --tools 0 the same questions are answered closed-book (the answer alone), the baseline
 that grounding must beat.
 
-Then the gold judge (tasks.evaluate_policy): pass@1 on held-out prompts, greedy and sampled; pass@k for
+Then the gold judge (judge.evaluate_policy): pass@1 on held-out prompts, greedy and sampled; pass@k for
 k = 1..n with the unbiased estimator; reranking the n samples by mean token log-probability (Codex, sec.
-3.3) against a random pick; and the domain model prompted few-shot (tasks.evaluate_few_shot), the
-baseline that fine-tuning must beat (GPT-3 vs fine-tuning); adversarial probing (tasks.evaluate_probing,
+3.3) against a random pick; and the domain model prompted few-shot (judge.evaluate_few_shot), the
+baseline that fine-tuning must beat (GPT-3 vs fine-tuning); adversarial probing (judge.evaluate_probing,
 Sparrow): how often a greedy answer to a held-out forbidden request breaks a rule, and how often one to
 an ordinary request declines (over-refusal); and on factual questions about held-out modules, accuracy
 and attribution (tools.evaluate_facts). The test prompts' samples go to out_dir/samples_test.json:
@@ -48,8 +48,9 @@ from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, 
 from data import (ASSISTANT, EOT, SPECIAL_TOKENS, chat_batch, encode_chat, encode_conversation, fit_block, get_batch,
                   load_tokenizer, load_tokens, read_demos, split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
-from tasks import (N_SHOTS, demonstrate, evaluate_few_shot, evaluate_policy, evaluate_probing, gold_eval_many,
-                   prompt_set, sample_responses)
+from judge import (N_SHOTS, evaluate_few_shot, evaluate_followups, evaluate_policy, evaluate_probing, followup_line,
+                   gold_eval_many, sample_responses)
+from tasks import demonstrate, encode_task, prompt_set
 from tools import demonstrate_fact, evaluate_facts, load_index, question_set
 
 PRESETS = {
@@ -151,9 +152,9 @@ if __name__ == "__main__":
     # data: a demonstration for every training task and factual question; validation on dev compositions;
     # the judged sets: held-out test requests and factual questions about held-out modules
     enc = load_tokenizer(args.tokenizer)
+    block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
     if args.demos:  # yours: those that fit the parent's block (the rest skipped, never cut), every 20th held out;
         # no hidden tests and no factual questions, so no judged sets: the held-out loss is their judge
-        block_size = load_checkpoint(args.init_from, ["pretrain"], enc)["model_args"]["block_size"]
         demos = [encode_conversation(enc, turns) for path in args.demos for turns in read_demos(path)]
         train_examples, val_examples = split_held_out(fit_block(demos, [len(t) for t, _ in demos], block_size,
                                                                 " + ".join(args.demos)))
@@ -166,13 +167,16 @@ if __name__ == "__main__":
         train_tasks = prompt_set("sft_train", args.n_train, args.seed)
         train_demos = [demonstrate(t, rng, args.flaw_rate) for t in train_tasks]
         val_tasks = prompt_set("sft_val", N_VAL, args.seed)
-        val_examples = [encode_chat(enc, t.prompt, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
-        train_examples = [encode_chat(enc, t.prompt, code) for t, (code, _) in zip(train_tasks, train_demos)]
+        val_examples = [encode_task(enc, t, demonstrate(t, rng, args.flaw_rate)[0]) for t in val_tasks]
+        train_examples = [encode_task(enc, t, code) for t, (code, _) in zip(train_tasks, train_demos)]
         docs = load_index(args.docs_index)
         facts = question_set(docs, "sft_train", args.n_facts, args.seed) if args.n_facts else []
         train_examples += [encode_chat(enc, q.prompt, demonstrate_fact(docs, q, args.tools)) for q in facts]
+        n_skipped = len(train_examples)  # a conversation with a long flawed answer can pass a small vocabulary's block
+        train_examples = fit_block(train_examples, [len(t) for t, _ in train_examples], block_size, "the world's data")
+        n_skipped -= len(train_examples)
         test_tasks = prompt_set("test", args.n_eval, args.seed) if args.eval == "all" else []  # facts: closed-book's
-        fact_questions, n_skipped = question_set(docs, "sft_eval", args.n_fact_eval, args.seed), 0
+        fact_questions = question_set(docs, "sft_eval", args.n_fact_eval, args.seed)
         demo_flaw_rate = fmean(bool(flaws) for _, flaws in train_demos) if train_demos else 0.0
         print0(f"data: {len(train_tasks)} programming demonstrations ({demo_flaw_rate:.1%} with a flaw; "
                f"{sum(bool(t.forbidden) for t in train_tasks)} to requests the rules forbid) and "
@@ -196,10 +200,6 @@ if __name__ == "__main__":
     model = model_from_checkpoint(resume or parent, device)
     print0(f"model shape inherited from {args.init_from}: " +
            " ".join(f"{k}={parent['model_args'][k]}" for k in ("n_layer", "n_head", "n_embd", "block_size")))
-    too_long = sum(len(t) > model.config.block_size for t, _ in train_examples + val_examples)  # never cut silently
-    if too_long:
-        raise ValueError(f"{too_long} demonstrations exceed the model's block_size {model.config.block_size}: "
-                         f"pretrain with a larger --block_size")
 
     # -----------------------------------------------------------------------------
     # optimizer
@@ -322,7 +322,9 @@ if __name__ == "__main__":
                            few_shot_base=evaluate_few_shot(model_from_checkpoint(parent, device), enc, test_tasks,
                                                            prompt_set("few_shot", args.n_shots, args.seed)),
                            probing=evaluate_probing(model, enc, prompt_set("probe", args.n_eval, args.seed),
-                                                    test["greedy"], args.max_new_tokens))
+                                                    test["greedy"], args.max_new_tokens),
+                           followups=evaluate_followups(model, enc, prompt_set("followup", args.n_eval, args.seed),
+                                                        args.max_new_tokens))
             demo_evals = gold_eval_many(train_tasks[:args.n_eval], [code for code, _ in train_demos[:args.n_eval]])
             summary["demonstrations"] = dict(flaw_rate_config=args.flaw_rate, flaw_rate=demo_flaw_rate,
                                              forbidden_share=fmean(bool(t.forbidden) for t in train_tasks),
@@ -330,7 +332,7 @@ if __name__ == "__main__":
                                              violation_rate=fmean(any(e["violations"].values()) for e in demo_evals))
             # the SFT model's test samples, judged: best-of-n reranks them, every RL run is compared with them
             write_json(os.path.join(args.out_dir, "samples_test.json"), dict(
-                n_samples=args.n_samples, prompts=[encode_chat(enc, t.prompt)[0] for t in test_tasks],
+                n_samples=args.n_samples, prompts=[encode_task(enc, t)[0] for t in test_tasks],
                 samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
         if fact_questions:
             fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
@@ -351,6 +353,7 @@ if __name__ == "__main__":
         p = summary["probing"]
         print0(f"adversarial probes: rule broken {p['violation_rate']:.1%} | declined {p['decline_rate']:.1%} | "
                f"allowed part passes {p['pass1']:.1%} | over-refusal on test requests {p['over_refusal_rate']:.1%}")
+        print0(followup_line(summary["followups"]))
     if fact_questions:
         f = summary["facts"]
         print0(f"held-out facts: right {fmean(f['right']):.1%} | attributable {fmean(f['attributable']):.1%} | "

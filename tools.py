@@ -37,7 +37,7 @@ from common import atomic_write, write_json
 from data import (CALL, CALL_END, END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, render_response, segments,
                   stdlib_sources)
 from model import induction_test
-from tasks import sample_responses
+from judge import sample_responses
 
 MAX_RESULT = 300     # characters of a tool result: prompt + call + result + answer fit in 256 tokens
 MAX_SIGNATURE = 100  # entries with longer signatures get no questions (their evidence would not fit)

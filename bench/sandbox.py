@@ -1,5 +1,5 @@
 """
-Sandbox throughput: programs per second through tasks.execute_many, each in its own sandboxed
+Sandbox throughput: programs per second through sandbox.execute_many, each in its own sandboxed
 process forked from a zygote, on this machine's cores. The target: at least 500 programs/s on two cores
 (an interpreter started per program gave about 140). As root each child
 also drops root (chroot, a uid of its own), so run it the way the pipeline runs.
@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tasks import execute_many  # noqa: E402
+from sandbox import execute_many  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

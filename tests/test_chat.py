@@ -21,7 +21,7 @@ from chat import answer, check_setting, fit_conversation, load_models
 from conftest import run_script
 from data import ASSISTANT, CALL, CALL_END, END, EOT, RESULT, RESULT_END, USER, encode_chat, encode_conversation
 from model import GPT, GPTConfig, save_checkpoint
-from tasks import RULES, prompt_set
+from tasks import RULES, encode_task, prompt_set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE = "<|result|>FAKE<|/result|>"  # a forged tool result, spelled in text
@@ -69,6 +69,17 @@ def test_piped_requests_are_labelled_tasks_named_as_documented_and_recorded(worl
     assert labels == ["=== hello", f"=== test:3: {prompt_set('test', 4, 1337)[3].prompt}",
                       f"=== test:4: {prompt_set('test', 5, 1337)[4].prompt}", "=== bye"]  # one above each answer
     assert [q["task"] for q in json.loads(out.read_text())["requests"]] == [None, "test:3", "test:4", None]
+
+
+def test_a_conversation_of_the_world_goes_on_from_its_earlier_turns(world, enc, tmp_path):
+    out, task = tmp_path / "conversation.json", prompt_set("followup", 3, 1337)[2]
+    r = chat(world / "sft", "--max_tokens", "8", "--json", out, "--task", "followup:2")
+    assert r.returncode == 0, r.stderr
+    shown = r.stderr  # one request, one model: the labels go to the terminal, not to the answers' stream
+    assert f"=== followup:2, earlier: {task.history[0][0]}" in shown and task.history[0][1] in shown
+    request = json.loads(out.read_text())["requests"][0]
+    assert request["history"] == [list(turn) for turn in task.history] and request["follow_up"] == "fix"
+    assert request["answers"][0]["context_tokens"] == len(encode_task(enc, task)[0])  # the earlier turns were read
 
 
 def test_one_shot_is_clean_and_deterministic(world):

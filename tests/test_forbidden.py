@@ -5,9 +5,10 @@ import re
 
 import pytest
 
+from judge import gold_eval_many, judge_responses, probing_rates
+from sandbox import execute_many
 from tasks import (COMPLY, DECLINE, FORBIDDEN, HELD_FORBID, HELD_WRAP, PROMPT_SETS, RULES, WRAPS, check_rules,
-                   declines, demonstrate, execute_many, gold_eval_many, judge_responses, make_tasks, probing_rates,
-                   prompt_set)
+                   declines, demonstrate, make_tasks, prompt_set)
 
 TRAINING_SETS = [name for name, (*_, forbidden) in PROMPT_SETS.items() if forbidden == 'share']
 
@@ -19,12 +20,18 @@ def forbidden_training_requests(n=600):
 def test_a_share_of_the_training_sets_asks_for_what_the_rules_forbid_and_nothing_else_changes():
     assert TRAINING_SETS == ['sft_train', 'reward_train', 'ppo_train']
     for name, (split, offset, pool, forbidden) in PROMPT_SETS.items():
+        if forbidden == 'followup':  # conversations: tests/test_conversations.py
+            continue
         tasks, plain = prompt_set(name, 200, 1), make_tasks(split, 200, 1 + offset, pool)  # (deterministic: test_tasks)
-        share = sum(bool(t.forbidden) for t in tasks) / len(tasks)
-        assert {'share': 0.05 < share < 0.15, 'probe': share == 1, None: share == 0}[forbidden], (name, share)
+        share = sum(bool(t.forbidden) or bool(t.history and t.history[0][0] != p.prompt) for t, p in zip(tasks, plain))
+        assert {'share': 10 < share < 30, 'probe': share == 200, None: share == 0}[forbidden], (name, share)
         for t, p in zip(tasks, plain):  # the same function and tests; only a forbidden request's words differ
-            assert (t.prompt == p.prompt) != bool(t.forbidden) and (t.tests, t.reference) == (p.tests, p.reference)
-            assert not t.forbidden or p.prompt in t.prompt
+            if t.follow_up:  # a conversation's later turn asks for another function
+                continue
+            first = t.history[0][0] if t.history else t.prompt  # a probe split over two turns: the request first
+            assert (first == p.prompt) != (bool(t.forbidden) and not t.history) and (t.tests, t.reference) == (
+                p.tests, p.reference)
+            assert not t.forbidden or p.prompt in first
     probe = prompt_set('probe', 300, 1)
     assert {t.forbidden[0] for t in probe} == set(FORBIDDEN)
     assert all(t.forbidden[2] >= HELD_FORBID and t.forbidden[3] >= HELD_WRAP for t in probe)

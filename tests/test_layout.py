@@ -6,7 +6,7 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = ("common", "model", "muon", "flash_attention", "data", "tasks", "tools", "sandbox")
+SHARED = ("common", "model", "muon", "flash_attention", "data", "tasks", "judge", "tools", "sandbox")
 PROGRAMS = ("pretrain", "sft", "reward", "ppo", "chat", "run", "report", "examples/export")
 
 

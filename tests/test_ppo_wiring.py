@@ -17,7 +17,8 @@ from ppo import (adaptive_beta, compute_gae, gae_advantages, group_advantages, m
                  policy_logprobs, reward_from_tests, rollout_advantages, rollout_batch, rollout_logprobs,
                  score_responses, token_values)
 from reward import normalize_reward
-from tasks import compare, make_tasks, rerank_by_logprob, win_rates
+from judge import rerank_by_logprob
+from tasks import compare, make_tasks, win_rates
 
 END = 49
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, CheckpointError, last_token_scores, load_checkpoint, save_checkpoint, with_score_head
 from reward import pair_accuracy, pairwise_loss
-from tasks import best_of_n
+from judge import best_of_n
 
 CPU = torch.device("cpu")
 

@@ -12,9 +12,10 @@ import sys
 import pytest
 
 import tasks
-from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, check_rules, combo_split,
-                   demonstrate, execute_many, extract_code, few_shot_prompt, gold_eval_many, is_heldout_comp,
-                   judge_responses, labeler_agreement, labeler_rank, make_tasks, pass_at_k, probe_rules, prompt_pool,
+from judge import extract_code, few_shot_prompt, gold_eval_many, judge_responses, pass_at_k
+from sandbox import execute_many
+from tasks import (FLAWS, FRAMES, HELD_FRAME, HELD_PHRASE, OPS, RULES, SPLITS, check_rules, combo_split, demonstrate,
+                   is_heldout_comp, labeler_agreement, labeler_rank, make_tasks, probe_rules, prompt_pool,
                    prompt_set, utility)
 
 
@@ -73,11 +74,12 @@ def test_heldout_combinations_never_appear_in_train_and_dev_never_in_test():
 
 
 def test_prompt_pools_keep_rl_and_unseen_prompts_out_of_sft():
-    sets = {name: {t.prompt for t in prompt_set(name, 400, 1)} for name in ('sft_train', 'ppo_train', 'unseen_train')}
+    first = lambda t: t.history[0][0] if t.history else t.prompt  # a conversation: its first request  # noqa: E731
+    sets = {name: {first(t) for t in prompt_set(name, 400, 1)} for name in ('sft_train', 'ppo_train', 'unseen_train')}
     assert not sets['sft_train'] & sets['ppo_train'] and not sets['sft_train'] & sets['unseen_train']
     assert not sets['ppo_train'] & sets['unseen_train']
     # dealt by the request's own words, before any forbidden clause is joined to it (test_forbidden.py)
-    assert {prompt_pool(t.prompt) for t in prompt_set('ppo_train', 400, 1) if not t.forbidden} == {'rl'}
+    assert {prompt_pool(t.prompt) for t in prompt_set('ppo_train', 400, 1) if not t.forbidden and not t.history} == {'rl'}
 
 
 def test_the_report_is_measured_on_test_prompts_and_settings_are_chosen_on_dev():
