@@ -199,9 +199,10 @@ def reward_from_evidence(index, questions, texts):
 
 def sequence_score(rm_score, passed, rule_probs, ended, reward, test_coef, rule_coef, missing_end_penalty):
     """The score of each whole response (B,): the reward model's, the tests' (passed: 1 or 0; for
-    evidence, reward_from_evidence's), or rm + test_coef * tests; minus rule_coef times the rule model's violation probabilities summed over rules
-    (Sparrow's rule reward, simplified), minus a fixed penalty when the response hit max_new_tokens
-    without its end token, so that rambling on is never a way to dodge a low score."""
+    evidence, reward_from_evidence's), or rm + test_coef * tests; minus rule_coef times the rule
+    model's violation probabilities summed over rules (Sparrow's rule reward, simplified), minus a
+    fixed penalty when the response hit max_new_tokens without its end token, so that rambling on
+    is never a way to dodge a low score."""
     base = {"rm": rm_score, "tests": passed, "evidence": passed, "both": rm_score + test_coef * passed}[reward]
     return base - rule_coef * rule_probs.sum(1) - missing_end_penalty * (1.0 - ended)
 
