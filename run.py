@@ -32,6 +32,9 @@ PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev
     "ppo_adaptive_kl": (["--kl_target", "0.5", "--kl_horizon", "640"], False),
     "ppo_dev_beta0.05": (["--beta", "0.05", "--eval_set", "dev"], False),
     "ppo_dev_beta0.15": (["--eval_set", "dev"], False),
+    # Sparrow's preference for supported answers, from the gold judge: GRPO on the factual questions, tools at hand
+    "evidence_rl": (["--reward", "evidence", "--advantage", "grpo", "--group_size", "4", "--docs_index",
+                     "{out}/docs/index.json"], False),
 }
 EXAMPLE_TASKS = ("test:0", "test:1", "test:2")  # the held-out requests the report shows every model answering
 # --rehearse: every stage for a few steps at the preset's shapes and on its data, through the GPU's code paths
@@ -45,7 +48,7 @@ REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_b
                         "--n_fact_eval", "4", "--dtype", "bfloat16"],
              "reward.py": ["--n_prompts", "16", "--best_of", "1", "2", "4", "--dtype", "bfloat16"],
              "ppo.py": ["--iterations", "2", "--rollout_batch", "8", "--minibatch", "4", "--n_eval", "4",
-                        "--eval_samples", "2", "--dtype", "bfloat16"]}
+                        "--eval_samples", "2", "--n_fact_eval", "4", "--dtype", "bfloat16"]}
 
 
 def stage_graph(args):
@@ -89,7 +92,7 @@ def stage_graph(args):
         if default or args.extended:
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
-                                              "--out_dir", f"{out}/{name}", *flags]))
+                                              "--out_dir", f"{out}/{name}", *[f.format(out=out) for f in flags]]))
     rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
     models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]
     stages.append(("examples", rl_models, [
@@ -183,7 +186,8 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=None, help="every stage writes under this folder (default: out, or "
                         "out_rehearse with --rehearse, so that a rehearsal's stages never pass for a run's)")
     parser.add_argument("--extended", action="store_true", help="also the RL runs past the default's time budget: "
-                        "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta")
+                        "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta, "
+                        "GRPO on the factual questions' evidence")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time (1: one at a time, output "
                         "on the terminal)")
     args = parser.parse_args()
