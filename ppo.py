@@ -2,7 +2,9 @@
 Stage 5: reinforcement learning with PPO: from human feedback (RLHF, the reward model), as
 InstructGPT did it (Ouyang et al. 2022, sec. 3.5 and appendix C.4, after Ziegler et al. 2019 and
 Stiennon et al. 2020), or from verifiable rewards (the hidden tests of the training prompts, as in
-CodeRL and RLEF), or both; with GAE and a value model, or group-relative advantages (GRPO).
+CodeRL and RLEF; or, on factual questions, the gold judge of answers and their evidence, Sparrow's
+preference for supported answers), or both; with GAE and a value model, or group-relative
+advantages (GRPO).
 
 The models: the policy (starts as the SFT model), a frozen reference (the SFT model), the frozen
 reward models (the preference RM and, as in Sparrow, the rule model), and for GAE a value model
@@ -11,7 +13,9 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
   1. rollouts: sample responses from the policy, batched with the KV cache (group_size per prompt);
   2. the score of each response: --reward rm, the RM's score at the response's last token (where
      the RM was trained to read); tests, 1 if it passes the prompt's hidden tests in the sandbox,
-     else 0; both, the RM score + test_coef * the test result. In every variant minus rule_coef
+     else 0; both, the RM score + test_coef * the test result; evidence (the prompts are factual
+     questions, answered with the toolset), 1 if the gold judge finds the answer right and its quote
+     in the right entry's docs (tools.judge_fact), else 0. In every variant minus rule_coef
      times the rule model's violation probabilities (Sparrow) and minus a penalty if it never ends;
   3. advantages. gae: the KL penalty at every token, R = score - beta * log(pi / pi_ref)
      (Stiennon et al. 2020, eq. 1), then GAE (Schulman et al. 2016) with the value model, whitened
@@ -25,6 +29,7 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
     python ppo.py                                                     # PPO on the reward model
     python ppo.py --ptx_coef 1 --out_dir out/ppo_ptx                  # PPO-ptx
     python ppo.py --reward tests --advantage grpo --group_size 4 --out_dir out/grpo_tests
+    python ppo.py --reward evidence --advantage grpo --group_size 4 --out_dir out/evidence_rl
     python ppo.py --preset gpu --sft out_gpu/sft/ckpt.pt --reward_dir out_gpu/reward --out_dir out_gpu/ppo
     python ppo.py --prompts examples/prompts.jsonl --sft out/sft_mine/ckpt.pt --reward_dir out/reward_mine \
         --out_dir out/ppo_mine                                        # your own prompts (data.read_prompts)
@@ -36,9 +41,15 @@ groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like
 loss, like PPO's, is a mean over the minibatch's tokens, where Shao et al.'s eq. 3 averages each
 response's tokens and then the responses: every token weighs the same whatever its response's length
 (DAPO's token-level loss, Yu et al. 2025), so a long wrong answer is not penalized less per token
-than a short one, the length bias Liu et al. 2025 find in eq. 3. No run passes a tool runner to the
-rollouts (programming requests need no lookup), so no tool result is ever forced into a response in
-RL here; the masks, GAE and the reranking leave such tokens out all the same, and tests pin it.
+than a short one, the length bias Liu et al. 2025 find in eq. 3. Sparrow (Glaese et al. 2022) trained
+its preference for supported answers into a reward model from people's ratings; --reward evidence
+scores with the judge the report measures by (a program: no learned proxy to over-optimize), all or
+nothing: a right answer without its evidence earns what a wrong one does, since partial credit for
+'right' alone would pay for the unsupported claims Sparrow trains away. Its rollouts run the tools:
+the results forced into a response are the environment's moves, off the action mask (tests pin it).
+The rule term stays on there too, though our rules are about code: within a group the rule model's
+probabilities differ by ~0.01 on factual answers, which GRPO's division by the group's std makes a
+full advantage wherever the judge scores the group alike (about half of them); --rule_coef 0 drops it.
 """
 import argparse
 import json
@@ -53,21 +64,26 @@ from tqdm import tqdm
 
 from common import (HelpFormatter, StopFlag, check_finite, follow_core_share, log_metrics, nonneg_float, nonneg_int,
                     parse_args, positive_float, positive_int, setup_device, trim_log, write_json)
-from data import (EOT, END, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
+from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
                   read_prompts, split_held_out)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
 from judge import evaluate_followups, evaluate_probing, followup_line, gold_eval_many, judge_responses, sample_responses
 from tasks import encode_task, prompt_set, win_rates
+from tools import ToolRunner, evaluate_facts, judge_fact, load_index, question_set
 
 PRESETS = {
-    "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4),
-    "cpu": dict(iterations=26, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150, ptx_batch=2),
-    "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500, ptx_batch=4),
-}
+    "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4,
+                  n_fact_eval=16),
+    "cpu": dict(iterations=26, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150, ptx_batch=2,
+                n_fact_eval=200),
+    "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500, ptx_batch=4,
+                n_fact_eval=446),
+}  # n_fact_eval: sft.py's, so that --reward evidence is judged on the questions SFT was
 PTX_SEED, LABELER_SEED, GENERIC_VAL_SEED = 1, 40, 0  # seed offsets: ptx batches, labelers; fixed windows
 GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 batches of 8 windows
 SCORE_BATCH = 64  # sequences per forward pass when scoring and in the evaluation's KL
 TESTS_TIMEOUT = 1.0  # seconds per program when the tests are the reward: a loop is a failure, fast
+FACT_MAX_NEW_TOKENS = 200  # a factual answer's tokens, its tool result included (sft.py judges facts at the same)
 
 
 # -----------------------------------------------------------------------------
@@ -177,12 +193,21 @@ def reward_from_tests(tasks, texts, timeout=TESTS_TIMEOUT):
     return torch.tensor([float(e["passed"]) for e in evals]), evals
 
 
+def reward_from_evidence(index, questions, texts):
+    """The verifiable reward on factual questions (Sparrow's preference for supported answers, judged
+    by a program): 1.0 where the answer is right and attributable (its quote holds the evidence,
+    verbatim from the right entry's docs), else 0.0; and the gold judge's verdicts, for the curves."""
+    verdicts = [judge_fact(index, q, t) for q, t in zip(questions, texts)]
+    return torch.tensor([float(v["right"] and v["attributable"]) for v in verdicts]), verdicts
+
+
 def sequence_score(rm_score, passed, rule_probs, ended, reward, test_coef, rule_coef, missing_end_penalty):
-    """The score of each whole response (B,): the reward model's, the tests', or rm + test_coef *
-    tests; minus rule_coef times the rule model's violation probabilities summed over rules
-    (Sparrow's rule reward, simplified), minus a fixed penalty when the response hit max_new_tokens
-    without its end token, so that rambling on is never a way to dodge a low score."""
-    base = {"rm": rm_score, "tests": passed, "both": rm_score + test_coef * passed}[reward]
+    """The score of each whole response (B,): the reward model's, the tests' (passed: 1 or 0; for
+    evidence, reward_from_evidence's), or rm + test_coef * tests; minus rule_coef times the rule
+    model's violation probabilities summed over rules (Sparrow's rule reward, simplified), minus a
+    fixed penalty when the response hit max_new_tokens without its end token, so that rambling on
+    is never a way to dodge a low score."""
+    base = {"rm": rm_score, "tests": passed, "evidence": passed, "both": rm_score + test_coef * passed}[reward]
     return base - rule_coef * rule_probs.sum(1) - missing_end_penalty * (1.0 - ended)
 
 
@@ -355,6 +380,8 @@ def parse_flags(argv=None):
                         "{prompt} (data.read_prompts); every 20th is held out for the evaluation")
     parser.add_argument("--generic_data", default="out/data/generic", help="generic token files, for ptx and eval")
     parser.add_argument("--tokenizer", default="out/tokenizer.json", help="tokenizer file written by data.py")
+    parser.add_argument("--docs_index", default="out/docs/index.json", help="the documentation index (tools.py "
+                        "--out_dir out/docs), for --reward evidence")
     parser.add_argument("--out_dir", default="out/ppo", help="checkpoint, log and summary go here")
     # rollouts
     parser.add_argument("--iterations", type=nonneg_int, help="rollout-then-update iterations (0: judge the SFT "
@@ -363,10 +390,12 @@ def parse_flags(argv=None):
     parser.add_argument("--group_size", type=positive_int, default=1, help="responses per prompt (grpo: the group)")
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, used in "
                         "every log-prob")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest response")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest response to a programming "
+                        "request (a factual answer: FACT_MAX_NEW_TOKENS, within the block)")
     # reward
-    parser.add_argument("--reward", default="rm", choices=("rm", "tests", "both"), help="what scores a response: "
-                        "the reward model, the prompt's hidden tests, or rm + test_coef * tests")
+    parser.add_argument("--reward", default="rm", choices=("rm", "tests", "both", "evidence"), help="what scores a "
+                        "response: the reward model, the prompt's hidden tests, rm + test_coef * tests, or on "
+                        "factual questions the gold judge (right and attributable)")
     parser.add_argument("--test_coef", type=nonneg_float, default=1.0, help="weight of the tests in --reward both")
     parser.add_argument("--rule_coef", type=nonneg_float, default=1.0, help="weight of the rule model's violation "
                         "probabilities")
@@ -399,6 +428,8 @@ def parse_flags(argv=None):
                         "dev for choosing settings, test for the report")
     parser.add_argument("--n_eval", type=positive_int, help="held-out prompts for the final evaluation")
     parser.add_argument("--eval_samples", type=positive_int, default=4, help="samples per held-out prompt")
+    parser.add_argument("--n_fact_eval", type=positive_int, help="with --reward evidence: held-out factual "
+                        "questions judged (sft.py's sft_eval set, the first n)")
     # system
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast: bf16 where "
@@ -411,8 +442,8 @@ def parse_flags(argv=None):
         parser.error(f"--rollout_batch {args.rollout_batch} must be a multiple of --group_size {args.group_size} "
                      f"and of --minibatch {args.minibatch}")
     if args.prompts and args.reward != "rm":
-        parser.error(f"--reward {args.reward} needs the world's hidden tests; your --prompts have none: use "
-                     f"--reward rm")
+        parser.error(f"--reward {args.reward} needs the world's hidden tests or questions; your --prompts have "
+                     f"none: use --reward rm")
     return args
 
 
@@ -452,6 +483,13 @@ if __name__ == "__main__":
                                                                                        args.seed)
         prompt_pool, eval_prompts = ([encode_task(enc, t)[0] for t in ts] for ts in (task_pool, eval_tasks))
         n_skipped = 0
+    docs, question_pool, fact_questions = None, None, []
+    if args.reward == "evidence":  # factual questions replace the requests as rollout prompts (their answers
+        # judged by tools.judge_fact); the test requests above still judge what this did to programming
+        docs = load_index(args.docs_index)
+        question_pool = question_set(docs, "rl_train", n_pool, args.seed)
+        fact_questions = question_set(docs, "sft_eval", args.n_fact_eval, args.seed)  # what SFT was judged on
+        task_pool, prompt_pool = None, [encode_chat(enc, q.prompt)[0] for q in question_pool]
     generic_train, generic_val = (load_tokens(args.generic_data, split, enc) for split in ("train", "val"))
 
     # -----------------------------------------------------------------------------
@@ -476,6 +514,9 @@ if __name__ == "__main__":
     for m in (policy, reference, value_model, reward_model, rule_model):
         if m is not None:
             m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
+    # a factual answer needs room for its lookup's result (as sft.py judges them); a request, --max_new_tokens
+    rollout_tokens = args.max_new_tokens if docs is None else min(FACT_MAX_NEW_TOKENS, policy.config.block_size - max(
+        len(p) for p in prompt_pool + [encode_chat(enc, q.prompt)[0] for q in fact_questions]))
 
     # -----------------------------------------------------------------------------
     # optimizers, at a constant learning rate
@@ -522,9 +563,10 @@ if __name__ == "__main__":
         this = slice(it * prompts_per_iteration, (it + 1) * prompts_per_iteration)
         prompts = [p for p in prompt_pool[this] for _ in range(args.group_size)]  # group_size times, side by side
         tasks = task_pool and [t for t in task_pool[this] for _ in range(args.group_size)]
-        with torch.no_grad(), autocast:
-            gen = policy.generate(prompts, args.max_new_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
-                                  generator=sample_rng)
+        questions = question_pool and [q for q in question_pool[this] for _ in range(args.group_size)]
+        with torch.no_grad(), autocast:  # the toolset at hand for factual questions: lookups run mid-answer (LaMDA)
+            gen = policy.generate(prompts, rollout_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
+                                  generator=sample_rng, tool_runner=ToolRunner(enc, docs) if questions else None)
         responses, ended, x, targets, mask, sampled_logprobs = rollout_batch(prompts, gen, end_id, pad_id, device)
         t1 = time.perf_counter()
 
@@ -536,9 +578,12 @@ if __name__ == "__main__":
                                                                       order, args.minibatch, args.temperature)
             rm_score, rule_probs = score_responses(reward_model, rule_model,
                                                    [p + r for p, r in zip(prompts, responses)], pad_id)
-        passed, evals = torch.zeros(B), None  # yours have no hidden tests to run
+        passed, evals, verdicts = torch.zeros(B), None, None  # yours have no hidden tests to run
+        texts = [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses]
         if tasks:
-            passed, evals = reward_from_tests(tasks, [enc.decode(r[:-1] if r[-1] == end_id else r) for r in responses])
+            passed, evals = reward_from_tests(tasks, texts)
+        if questions:
+            passed, verdicts = reward_from_evidence(docs, questions, texts)
         score = sequence_score(rm_score, passed.to(device), rule_probs, ended, args.reward, args.test_coef,
                                args.rule_coef, args.missing_end_penalty)
         advantages, returns, kl_coef = rollout_advantages(args, beta, score, old_logprobs, ref_logprobs, old_values,
@@ -581,6 +626,8 @@ if __name__ == "__main__":
         row = dict(iteration=it, score=score.mean().item(), rm_score=rm_score.mean().item(),
                    **({} if evals is None else dict(pass_rate=passed.mean().item(),
                                                     utility=fmean(e["utility"] for e in evals))),
+                   **({} if verdicts is None else dict(right_and_attributable=passed.mean().item(), **{
+                       k: fmean(v[k] for v in verdicts) for k in ("right", "attributable", "found")})),
                    rule_prob=rule_probs.sum(1).mean().item(), kl=kl, beta=beta, ended=ended.mean().item(),
                    response_len=mask.sum(1).mean().item(), sampler_dev=sampler_dev,
                    first_ratio_dev=stats[0]["ratio_dev"],
@@ -592,7 +639,8 @@ if __name__ == "__main__":
             row["explained_var"] = (1 - unexplained).item()
         log_metrics(log_path, **row)
         tqdm.write(f"iter {it:4d}/{args.iterations} | score {row['score']:+.3f} | rm {row['rm_score']:+.3f} | "
-                   + ("" if evals is None else f"pass {row['pass_rate']:.2f} | ") +
+                   + ("" if evals is None else f"pass {row['pass_rate']:.2f} | ")
+                   + ("" if verdicts is None else f"right+attr {row['right_and_attributable']:.2f} | ") +
                    f"kl {kl:6.3f} | beta {beta:.3f} | ent {row['entropy']:.3f} | "
                    f"clip {row['clip_frac']:.3f} | len {row['response_len']:5.1f} | {(t3 - t0):5.1f} s")
         if args.kl_target > 0:
@@ -657,6 +705,9 @@ if __name__ == "__main__":
         write_json(os.path.join(args.out_dir, "samples_heldout.json"), dict(  # for a judge of your own
             prompts=[enc.decode(p) for p in eval_prompts], n_samples=n, ppo=[s["text"] for s in samples],
             sft=[s["text"] for s in sft_samples]))
+    if fact_questions:  # Sparrow's measure, by the judge itself: supported and right, after RL (SFT's in sft.py's)
+        with autocast:
+            summary["facts"] = evaluate_facts(policy, enc, docs, fact_questions, rollout_tokens)
     summary["eval_seconds"] = time.time() - t0
     write_json(os.path.join(args.out_dir, "summary.json"), summary)
     print(f"held-out prompts ({len(eval_prompts)} x {n} samples): RM score {fmean(rm_ours):+.3f} (SFT "
@@ -671,6 +722,11 @@ if __name__ == "__main__":
               f"{probing['decline_rate']:.1%} | allowed part passes {probing['pass1']:.1%} | over-refusal on "
               f"{args.eval_set} requests {probing['over_refusal_rate']:.1%}")
         print(followup_line(followups))
+    if fact_questions:
+        f = summary["facts"]
+        print(f"held-out facts ({len(fact_questions)}): right {fmean(f['right']):.1%} | attributable "
+              f"{fmean(f['attributable']):.1%} | right and attributable "
+              f"{fmean(a and b for a, b in zip(f['right'], f['attributable'])):.1%} | found {fmean(f['found']):.1%}")
     for what, why in summary.get("unavailable", {}).items():
         print(f"not available: {what}: {why}")
     print("example:\n" + summary["examples"][0])

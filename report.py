@@ -537,11 +537,11 @@ def report_examples(out):
     """What the models write: the same held-out requests answered by each model (chat.py --json)."""
     ex = read_json(f"{out}/examples/summary.json")
     lines = ["## What the models write", "",
-             "The same held-out test requests, chosen once by name (" + ", ".join(r["task"] for r in ex["requests"])
-             + "), answered "
-             "greedily by each model through `chat.py` (the domain model prompted few-shot), each with the reward "
-             "model's score, "
-             "the rule model's flags and the hidden tests' verdict.", ""]
+             "The same held-out requests and conversations, chosen once by name (" + ", ".join(
+                 r["task"] for r in ex["requests"]) + "), answered greedily by each model through `chat.py` (the "
+             "domain model prompted few-shot, on single requests only), each with the reward model's score, the rule "
+             "model's flags and the hidden tests' verdict. A conversation's earlier answers are the demonstrators'; "
+             "the models answer its last turn.", ""]
     for request in ex["requests"]:
         for q, a in request.get("history", []):  # a conversation: its earlier turns, a demonstrator's answers
             lines += [f"**{q}**", "", "(earlier answer)", "", "```python", a.rstrip(), "```", ""]

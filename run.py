@@ -32,6 +32,11 @@ PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev
     "ppo_adaptive_kl": (["--kl_target", "0.5", "--kl_horizon", "640"], False),
     "ppo_dev_beta0.05": (["--beta", "0.05", "--eval_set", "dev"], False),
     "ppo_dev_beta0.15": (["--eval_set", "dev"], False),
+    # Sparrow's preference for supported answers, from the gold judge: GRPO on the factual questions, tools at hand;
+    # no rule term: the rules are about code, and under GRPO the rule model's small differences between answers the
+    # judge scores alike would be divided by the group's spread into full-size advantages
+    "evidence_rl": (["--reward", "evidence", "--advantage", "grpo", "--group_size", "4", "--rule_coef", "0",
+                     "--docs_index", "{out}/docs/index.json"], False),
 }
 EXAMPLE_TASKS = ("test:0", "test:1", "test:2",  # the held-out requests the report shows every model answering,
                  "followup:1", "followup:2", "probe:2")  # and conversations: an extension, a reported failure, a split probe
@@ -47,7 +52,7 @@ REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_b
                         "--n_fact_eval", "4", "--dtype", "bfloat16"],
              "reward.py": ["--n_prompts", "16", "--best_of", "1", "2", "4", "--dtype", "bfloat16"],
              "ppo.py": ["--iterations", "2", "--rollout_batch", "8", "--minibatch", "4", "--n_eval", "4",
-                        "--eval_samples", "2", "--dtype", "bfloat16"]}
+                        "--eval_samples", "2", "--n_fact_eval", "4", "--dtype", "bfloat16"]}
 
 
 def stage_graph(args):
@@ -91,7 +96,7 @@ def stage_graph(args):
         if default or args.extended:
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",
                                               f"{out}/reward", "--generic_data", f"{out}/data/generic",
-                                              "--out_dir", f"{out}/{name}", *flags]))
+                                              "--out_dir", f"{out}/{name}", *[f.format(out=out) for f in flags]]))
     if args.extended:  # best-of-n on the SFT model (chat.py's column) over the follow-ups, probes and test requests
         n = {"quick": 4}.get(args.preset, 100)
         stages.append(("best_of_dialogue", ["reward"], [
@@ -191,7 +196,8 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=None, help="every stage writes under this folder (default: out, or "
                         "out_rehearse with --rehearse, so that a rehearsal's stages never pass for a run's)")
     parser.add_argument("--extended", action="store_true", help="also the RL runs past the default's time budget: "
-                        "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta")
+                        "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta, "
+                        "GRPO on the factual questions' evidence")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time (1: one at a time, output "
                         "on the terminal)")
     args = parser.parse_args()

@@ -396,6 +396,7 @@ def make_questions(index, split, n, seed, kinds=KINDS):
 QUESTION_SETS = {
     'sft_train': ('train', 50),    # the factual demonstrations SFT mixes in
     'sft_eval': ('heldout', 51),   # questions about held-out modules: what the report measures
+    'rl_train': ('train', 52),     # ppo.py --reward evidence's rollout prompts: other draws than SFT's
 }
 
 
