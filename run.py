@@ -39,7 +39,8 @@ PPO_RUNS = {  # name: (ppo.py flags, in the default run); settings chosen on dev
                      "--docs_index", "{out}/docs/index.json"], False),
 }
 EXAMPLE_TASKS = ("test:0", "test:1", "test:2",  # the held-out requests the report shows every model answering,
-                 "followup:1", "followup:2", "probe:2")  # and conversations: an extension, a reported failure, a split probe
+                 "followup:1", "followup:2", "probe:5")  # and conversations: an extension, a reported failure, the
+# first probe split over two turns
 DIALOGUE_SETS = ("followup", "probe", "test")  # best-of-n judged on them (--extended), for the dialogue table
 # --rehearse: every stage for a few steps at the preset's shapes and on its data, through the GPU's code paths
 # (bf16 autocast; pretraining compiled) on whatever machine runs it, so that a crash at the gpu preset's shapes
