@@ -74,7 +74,7 @@ from tools import ToolRunner, evaluate_facts, judge_fact, load_index, question_s
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4,
                   n_fact_eval=16),
-    "cpu": dict(iterations=21, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150, ptx_batch=2,
+    "cpu": dict(iterations=24, rollout_batch=64, minibatch=16, ppo_epochs=2, lr=3e-5, n_eval=150, ptx_batch=2,
                 n_fact_eval=200),
     "gpu": dict(iterations=200, rollout_batch=512, minibatch=64, ppo_epochs=2, lr=1e-5, n_eval=500, ptx_batch=4,
                 n_fact_eval=446),

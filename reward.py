@@ -50,7 +50,7 @@ from tasks import RULES, demonstrate, encode_task, labeler_agreement, labeler_ra
 
 PRESETS = {
     "quick": dict(n_prompts=48, lr=1e-3, best_of=(1, 2, 4)),
-    "cpu": dict(n_prompts=850, lr=3e-4, best_of=(1, 2, 4, 8, 16)),
+    "cpu": dict(n_prompts=1000, lr=3e-4, best_of=(1, 2, 4, 8, 16)),
     "gpu": dict(n_prompts=8000, lr=1e-4, best_of=(1, 2, 4, 8, 16, 32, 64)),
 }
 # seeds of the simulated humans and of sampling, as offsets from --seed

@@ -59,7 +59,7 @@ PRESETS = {
     # cpu: 8000 of the 32000 demonstrations factual. Measured from the same domain model, before the forbidden
     # requests joined the demonstrations (facts right / attributable / greedy test pass@1): 4000: 28 / 16 / 53%;
     # 8000: 41 / 33 / 51%; 10000: 42 / 35 / 45%; 12000: 51 / 41 / 33%
-    "cpu": dict(n_train=24000, n_facts=8000, max_steps=960, batch_size=32, lr=3e-3, eval_interval=200, n_eval=150,
+    "cpu": dict(n_train=24000, n_facts=8000, max_steps=1000, batch_size=32, lr=3e-3, eval_interval=200, n_eval=150,
                 n_samples=16, n_fact_eval=200, replay_batch=8),
     "gpu": dict(n_train=90000, n_facts=10000, max_steps=3000, batch_size=64, lr=3e-4, eval_interval=500, n_eval=500,
                 n_samples=64, n_fact_eval=446, replay_batch=16),
