@@ -236,7 +236,8 @@ TEXTS = {  # program texts that made the judge raise, or stall the parent
 
 @pytest.mark.parametrize('text', list(TEXTS.values()), ids=list(TEXTS))
 def test_the_judge_gives_any_text_a_verdict(text):
-    from tasks import RULES, gold_eval_many, make_tasks
+    from judge import gold_eval_many
+    from tasks import RULES, make_tasks
     start = time.process_time()  # the parent's CPU; the child may take its time to compile
     [judged] = gold_eval_many(make_tasks('train', 1, 0), [text], timeout=1.0)
     assert judged['result'] in ('error', 'timeout') and set(judged['violations']) == set(RULES)
