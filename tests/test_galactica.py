@@ -60,3 +60,8 @@ def test_prompt_mix_share():
     assert abs(n_prompt / len(tokens) - 0.03) < 1e-3
     with pytest.raises(ValueError, match="fewer than"):
         mix(domain, [[7] * 30], 0.03)
+
+
+def test_the_report_section_is_empty_without_its_stages(tmp_path):
+    from report import report_galactica
+    assert report_galactica(str(tmp_path), {}) == []
