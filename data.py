@@ -47,7 +47,7 @@ from common import atomic_write, print0, write_json
 # token never spans a word and its neighbour's space.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-# Galactica (Taylor et al. 2022, sec. 3.1.2) and LLaMA split numbers into single digits, so that every number
+# Galactica (Taylor et al. 2022, sec. 3) and LLaMA split numbers into single digits, so that every number
 # is spelled by the same ten tokens and 1234 is never one token and 1235 two (data.py --split_digits)
 DIGIT_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"

@@ -4,16 +4,17 @@ they are: each folder holds a train.bin of its own and the domain corpus's valid
 run's validation loss is on the same held-out files.
 
   curated/  a small curated subset of the domain corpus, to be trained on for several epochs (Galactica,
-            sec. 3.1 and 5.1: a curated corpus of 106B tokens seen for 4.25 epochs, and validation loss
+            secs. 3 and 5: a curated corpus of 106B tokens seen for 4.25 epochs, and validation loss
             that kept falling). The rule: functions and methods that carry a docstring, from training files
             (data.py already leaves the tests out), each once (an exact duplicate after collapsing whitespace
             is dropped), in a fixed shuffled order, cut at --curated_tokens so that an epoch is a known
             number of pretraining steps.
-  prompts/  the domain corpus with a small share of chat-format documents appended (Galactica, sec. 3.1.1:
+  prompts/  the domain corpus with a small share of chat-format documents appended (Galactica, sec. 3:
             prompts mixed into pre-training, which helps "especially for smaller models"): the world's
-            requests answered by its demonstrators, from the reward model's prompt pool (training
-            compositions, never the SFT set's prompts, never the unseen, dev or test pools), and factual
-            questions about training modules answered with a lookup, as SFT's demonstrations are.
+            requests answered by its demonstrators, drawn as the reward model's prompts are (training
+            compositions; the pool is finite, so about a sixth of them are also among SFT's 24000 requests;
+            none is a test, dev or unseen prompt), and factual questions about training modules answered
+            with a lookup, as SFT's demonstrations are.
 
     python galactica.py --out_dir out/galactica_data      # after data.py and tools.py --out_dir out/docs
     python pretrain.py --data out/galactica_data/curated --init_from out/pretrain_generic/ckpt.pt ...

@@ -125,7 +125,7 @@ def report_galactica(out, r):
         epoch = data["tokens"] / (cur["tokens"] / cur["steps"])  # steps per epoch
         curves = [val_curve(f"{out}/{name}") for name in ("galactica_curated", "galactica_fresh")]
         train = {x["step"]: x["loss"] for x in read_log(f"{out}/galactica_curated/log.jsonl") if "loss" in x}
-        lines += ["**Several epochs of curated data** (Galactica trained 4.25 epochs of its curated corpus, sec. 5.1). "
+        lines += ["**Several epochs of curated data** (Galactica trained 4.25 epochs of its curated corpus, sec. 5). "
                   f"The curated subset: documented functions of the domain training files, each once, "
                   f"{data['functions']:,} of {data['documented_functions']:,} ({data['tokens']:,} tokens; all the "
                   f"documented ones hold {data['documented_tokens']:,}, the domain corpus {data['domain_tokens']:,}), "
@@ -153,9 +153,9 @@ def report_galactica(out, r):
     pairs = [p for p in pairs if all(have(name) for name in p[1:])]
     if pairs:
         share = read_json(f"{out}/galactica_data/summary.json")["prompts"]["share"]
-        lines += ["", f"**Prompt pre-training** (Galactica, sec. 3.1.1): {pct(share)} of the domain stage's training "
-                  "tokens in the chat format (demonstrations to requests of the reward model's training pool, never "
-                  "SFT's, and factual questions answered with a lookup), the rest the domain corpus; the same steps, "
+        lines += ["", f"**Prompt pre-training** (Galactica, sec. 3): {pct(share)} of the domain stage's training "
+                  "tokens in the chat format (demonstrations to requests drawn as the reward model's are, from training "
+                  "compositions, and factual questions about training modules answered with a lookup), the rest the domain corpus; the same steps, "
                   "then the same SFT on each (settings in the table). Greedy test pass@1 with 95% intervals over "
                   "prompts; the domain model prompted few-shot as in SFT's report.", "",
                   "| size | params | domain val loss: without / with | few-shot pass@1: without | with | "
@@ -190,7 +190,7 @@ def report_galactica(out, r):
         rng = np.random.default_rng(0)  # different windows of text under the two tokenizers: resampled apart
         diff = rng.choice(bpb[0], (2000, len(bpb[0]))).mean(1) - rng.choice(bpb[1], (2000, len(bpb[1]))).mean(1)
         low, high = np.percentile(diff, [2.5, 97.5])
-        lines += ["", "**Digits as tokens** (Galactica, sec. 3.1.2; LLaMA): a tokenizer whose pre-split cuts numbers "
+        lines += ["", "**Digits as tokens** (Galactica, sec. 3; LLaMA): a tokenizer whose pre-split cuts numbers "
                   "into single digits (`data.py --split_digits`, the same vocabulary size), and a domain model from "
                   "scratch on each tokenizer's tokens. Validation loss in bits per byte (nats per token / ln 2 x the "
                   "validation split's tokens per byte), so the tokenizers compare; intervals over validation batches.",

@@ -56,7 +56,7 @@ GALACTICA = {
     "cpu": dict(epoch_steps=30, batch_tokens=4096, small="--n_layer 2 --n_head 3 --n_embd 96",
                 sft="--max_steps 300 --eval_interval 100 --n_train 7200 --n_facts 2400 --n_samples 1 --n_fact_eval 8"),
     "gpu": dict(epoch_steps=8, batch_tokens=2**17, small="--n_layer 4 --n_head 4 --n_embd 256", sft="--n_samples 1")}
-EPOCHS = 4  # Galactica's 4.25 epochs (Taylor et al. 2022, sec. 5.1)
+EPOCHS = 4  # Galactica's 4.25 epochs (Taylor et al. 2022, sec. 5)
 
 
 def galactica_stages(args, out, preset, tok, sft, data):
