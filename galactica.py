@@ -19,6 +19,8 @@ run's validation loss is on the same held-out files.
     python galactica.py --out_dir out/galactica_data      # after data.py and tools.py --out_dir out/docs
     python pretrain.py --data out/galactica_data/curated --init_from out/pretrain_generic/ckpt.pt ...
     python pretrain.py --data out/galactica_data/prompts --init_from out/pretrain_generic/ckpt.pt ...
+    python galactica.py --zero_shot out/pretrain_domain/ckpt.pt out/galactica_prompts/ckpt.pt \
+        --out_dir out/galactica_zero_shot                 # domain models asked in the chat format, as they are
 
 What is left out: the <work> working-memory tokens need new special tokens, i.e. a new vocabulary and
 every model trained again; they wait for the next full run.
@@ -35,7 +37,8 @@ import numpy as np
 
 from common import print0, write_json
 from data import EOT, encode_chat, is_val, load_tokenizer, load_tokens, stdlib_sources
-from tasks import demonstrate, prompt_set
+from model import load_checkpoint, model_from_checkpoint
+from tasks import demonstrate, evaluate_policy, prompt_set
 from tools import demonstrate_fact, load_index, question_set
 
 FLAW_RATE = 0.2  # the demonstrators' flaw rate, as SFT's (sft.py --flaw_rate)
@@ -92,9 +95,22 @@ if __name__ == "__main__":
     parser.add_argument("--prompt_share", type=float, default=0.03, help="share of the prompts/ folder's training "
                         "tokens in the chat format")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the curated order and the prompt documents")
+    parser.add_argument("--zero_shot", nargs="+", default=None, help="instead: these pretraining checkpoints asked "
+                        "the test requests in the chat format, no example, no fine-tuning (greedy pass@1)")
+    parser.add_argument("--n_eval", type=int, default=150, help="test requests for --zero_shot (SFT's cpu preset's)")
     args = parser.parse_args()
 
     enc = load_tokenizer(args.tokenizer)
+    if args.zero_shot:  # what prompts in pretraining can teach a base model: the chat format itself (Galactica, sec. 3)
+        tasks, summary = prompt_set("test", args.n_eval, args.seed), {}
+        for path in args.zero_shot:
+            model = model_from_checkpoint(load_checkpoint(path, ["pretrain"], enc))
+            passed = evaluate_policy(model, enc, tasks)[0]["greedy"]["passed"]
+            summary[os.path.basename(os.path.dirname(path))] = passed  # by stage: the checkpoint's folder
+            print0(f"{path}: zero-shot greedy pass@1 {np.mean(passed):.1%}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, "summary.json"), summary)
+        raise SystemExit(0)
     domain = load_tokens(args.domain_data, "train", enc)
     with open(os.path.join(args.domain_data, "meta.json")) as f:
         meta = {k: v for k, v in json.load(f).items() if k in ("tokenizer", "dtype", "val")}

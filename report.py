@@ -154,29 +154,34 @@ def report_galactica(out, r):
     if pairs:
         share = read_json(f"{out}/galactica_data/summary.json")["prompts"]["share"]
         lines += ["", f"**Prompt pre-training** (Galactica, sec. 3): {pct(share)} of the domain stage's training "
-                  "tokens in the chat format (demonstrations to requests drawn as the reward model's are, from training "
-                  "compositions, and factual questions about training modules answered with a lookup), the rest the domain corpus; the same steps, "
-                  "then the same SFT on each (settings in the table). Greedy test pass@1 with 95% intervals over "
-                  "prompts; the domain model prompted few-shot as in SFT's report.", "",
-                  "| size | params | domain val loss: without / with | few-shot pass@1: without | with | "
-                  "SFT pass@1: without | with | SFT steps |", "|---|---|---|---|---|---|---|---|"]
+                  "tokens in the chat format (demonstrations to requests drawn as the reward model's are, from "
+                  "training compositions, and factual questions about training modules answered with a lookup), the "
+                  "rest the domain corpus; the same steps, then the same SFT on each (settings in the table). Greedy "
+                  "test pass@1 with 95% intervals over prompts: the domain model prompted few-shot as in SFT's "
+                  "report, the domain model asked in the chat format with no example (zero-shot: what the mixed-in "
+                  "prompts could teach it), and SFT.", "",
+                  "| size | params | domain val loss: without / with | few-shot: without | with | zero-shot: without | "
+                  "with | SFT: without | with | SFT steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+        zero_shot = read_json(f"{out}/galactica_zero_shot/summary.json") if have("galactica_zero_shot") else {}
         gains = {}
         for size, base, mixed, sft, sft_mixed in pairs:
             b, m, s0, s1 = (read_json(f"{out}/{name}/summary.json") for name in (base, mixed, sft, sft_mixed))
-            lines.append(f"| {size} | {b['params'] / 1e6:.2f}M | {b['val_loss']:.4f} / {m['val_loss']:.4f} | "
-                         f"{interval(s0['few_shot_base']['passed'])} | {interval(s1['few_shot_base']['passed'])} | "
-                         f"{interval(s0['test']['greedy']['passed'])} | {interval(s1['test']['greedy']['passed'])} | "
-                         f"{max(val_curve(f'{out}/{sft}'))} on {s0['n_train']:,} demonstrations |")
-            for what, key in (("few-shot", "few_shot_base"), ("SFT", "test")):
-                a = s1[key]["passed"] if key == "few_shot_base" else s1[key]["greedy"]["passed"]
-                z = s0[key]["passed"] if key == "few_shot_base" else s0[key]["greedy"]["passed"]
+            passed = {"few-shot": (s0["few_shot_base"]["passed"], s1["few_shot_base"]["passed"]),
+                      "zero-shot": (zero_shot.get(base), zero_shot.get(mixed)),
+                      "SFT": (s0["test"]["greedy"]["passed"], s1["test"]["greedy"]["passed"])}
+            lines.append(f"| {size} | {b['params'] / 1e6:.2f}M | {b['val_loss']:.4f} / {m['val_loss']:.4f} | " +
+                         " | ".join(interval(p) if p else "not run" for pair in passed.values() for p in pair) +
+                         f" | {max(val_curve(f'{out}/{sft}'))} on {s0['n_train']:,} demonstrations |")
+            for what, (z, a) in passed.items():
+                if not z or not a:
+                    continue
                 gains[size, what] = [x - y for x, y in zip(a, z)]
                 low, high = bootstrap_ci(gains[size, what])
                 rows.append((f"prompt pre-training raises {what} pass@1 ({size} model)",
                              f"{interval(gains[size, what], signed=True)} (with - without, paired over test prompts)",
                              verdict(low, high)))
         if len(pairs) == 2:  # Galactica: "especially for smaller models"
-            for what in ("few-shot", "SFT"):
+            for what in [w for w in ("few-shot", "zero-shot", "SFT") if ("small", w) in gains]:  # one stage: both
                 more = [s - b for s, b in zip(gains["small", what], gains["the preset's size", what])]
                 low, high = bootstrap_ci(more)
                 rows.append((f"prompt pre-training helps the small model more ({what})",

@@ -46,11 +46,9 @@ REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_b
              "reward.py": ["--n_prompts", "16", "--best_of", "1", "2", "4", "--dtype", "bfloat16"],
              "ppo.py": ["--iterations", "2", "--rollout_batch", "8", "--minibatch", "4", "--n_eval", "4",
                         "--eval_samples", "2", "--dtype", "bfloat16"]}
-# Galactica's lessons (--extended; galactica.py, report.report_galactica): a curated subset seen for EPOCHS epochs of
-# epoch_steps steps (batch_tokens is pretrain.PRESETS' total_batch_tokens) against fresh domain data; prompts mixed
-# into domain pretraining at the preset's size and a small one, each then fine-tuned; digits as tokens. cpu: SFT for
-# 300 steps on 7200 + 2400 demonstrations (the default's 1000 on 24000 + 8000), to afford four. gpu: the curated
-# subset comes from the standard library alone (1.2M tokens documented), so an epoch is 8 steps
+# Galactica's lessons (--extended; galactica.py, report.report_galactica). batch_tokens: pretrain.PRESETS'; cpu's
+# SFT: 300 steps on 7200 + 2400 demonstrations (the default's 1000 on 24000 + 8000), to afford four; gpu: the curated
+# subset is the standard library's (1.2M tokens documented), so an epoch is 8 steps
 GALACTICA = {
     "quick": dict(epoch_steps=10, batch_tokens=1024, small="--n_layer 1 --n_head 2 --n_embd 32", sft="--n_samples 1"),
     "cpu": dict(epoch_steps=30, batch_tokens=4096, small="--n_layer 2 --n_head 3 --n_embd 96",
@@ -66,6 +64,7 @@ def galactica_stages(args, out, preset, tok, sft, data):
               "--eval_interval", str(g["epoch_steps"])]
     generic, small = (["--init_from", f"{out}/{n}/ckpt.pt"] for n in ("pretrain_generic", "galactica_small_generic"))
     mixed = ["--data", f"{out}/galactica_data/prompts"]
+    domain = ("pretrain_domain", "galactica_prompts", "galactica_small_domain", "galactica_small_prompts")
     return [
         ("galactica_data", ["data", "docs"], [
             "galactica.py", *tok, "--domain_data", f"{out}/data/domain", "--docs_index", f"{out}/docs/index.json",
@@ -87,6 +86,9 @@ def galactica_stages(args, out, preset, tok, sft, data):
                                                       "--out_dir", f"{out}/galactica_sft{name}"])
           for name, parent in (("", "pretrain_domain"), ("_prompts", "galactica_prompts"),
                                ("_small", "galactica_small_domain"), ("_small_prompts", "galactica_small_prompts"))],
+        ("galactica_zero_shot", list(domain), ["galactica.py", *tok, "--zero_shot",
+                                               *[f"{out}/{n}/ckpt.pt" for n in domain], "--out_dir",
+                                               f"{out}/galactica_zero_shot"]),
         # data.py writes its summary under out_dir/data, as for the default's "data" stage
         ("galactica_digits/data", [], ["data.py", "--split_digits", *data[3:], "--out_dir", f"{out}/galactica_digits"]),
         ("galactica_digits_scratch", ["galactica_digits/data"], [  # against pretrain_domain_scratch
