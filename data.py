@@ -47,6 +47,9 @@ from common import atomic_write, print0, write_json
 # token never spans a word and its neighbour's space.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+# Galactica (Taylor et al. 2022, sec. 3) and LLaMA split numbers into single digits, so that every number
+# is spelled by the same ten tokens and 1234 is never one token and 1235 two (data.py --split_digits)
+DIGIT_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
 CALL, CALL_END, RESULT, RESULT_END = "<|call|>", "<|/call|>", "<|result|>", "<|/result|>"
 # documents end with EOT; chats use USER, ASSISTANT and END; a tool call (LaMDA's toolset) is
@@ -212,7 +215,7 @@ def train_bpe_simple(docs, vocab_size):
     return vocab[256:]
 
 
-def train_bpe(docs, vocab_size):
+def train_bpe(docs, vocab_size, pattern=SPLIT_PATTERN):
     """Learn BPE merges from documents: the new tokens' bytes, in merge order (rank 256, 257, ...).
 
     train_bpe_simple's loop, made fast in three ways: counting is over unique chunks of the pre-split
@@ -223,7 +226,7 @@ def train_bpe(docs, vocab_size):
     n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
     if n_merges < 0:
         raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + special tokens)")
-    pattern = regex.compile(SPLIT_PATTERN)
+    pattern = regex.compile(pattern)
     chunks = Counter()
     for doc in tqdm(docs, desc="pre-split", leave=False):
         chunks.update(pattern.findall(doc))
@@ -278,8 +281,8 @@ def train_bpe(docs, vocab_size):
     return vocab[256:]
 
 
-def save_tokenizer(path, merged_tokens):
-    state = dict(pattern=SPLIT_PATTERN, special_tokens=list(SPECIAL_TOKENS),
+def save_tokenizer(path, merged_tokens, pattern=SPLIT_PATTERN):
+    state = dict(pattern=pattern, special_tokens=list(SPECIAL_TOKENS),
                  merged_tokens=[base64.b64encode(t).decode("ascii") for t in merged_tokens])
     with atomic_write(path) as f:
         json.dump(state, f)
@@ -627,6 +630,8 @@ if __name__ == "__main__":
                         "standard library, or it and every installed package (the gpu preset's)")
     parser.add_argument("--tokenizer_chars", type=int, default=40_000_000, help="train the tokenizer on at most this "
                         "many characters, half from each corpus's training split (BPE in Python takes time)")
+    parser.add_argument("--split_digits", action="store_true", help="pre-split numbers into single digits "
+                        "(Galactica, LLaMA) when training the tokenizer")
     parser.add_argument("--block_size", type=int, default=256, help="the longest context you will pretrain with: "
                         "every split must hold at least one window of block_size + 1 tokens")
     args = parser.parse_args()
@@ -650,11 +655,16 @@ if __name__ == "__main__":
         t0 = time.time()
         docs = [doc for name in ("generic", "domain")  # half the budget each
                 for doc in first_chars(corpora[name]["train"], args.tokenizer_chars // 2) if doc]
-        merged = train_bpe(docs, args.vocab_size)
-        save_tokenizer(tokenizer_path, merged)
+        pattern = DIGIT_SPLIT_PATTERN if args.split_digits else SPLIT_PATTERN
+        merged = train_bpe(docs, args.vocab_size, pattern)
+        save_tokenizer(tokenizer_path, merged, pattern)
         summary["tokenizer_seconds"] = round(time.time() - t0, 1)
         print(f"trained the tokenizer: {256 + len(merged)} byte tokens and merges in {summary['tokenizer_seconds']}s")
     enc = load_tokenizer(tokenizer_path)
+    # a tokenizer file kept from an earlier run must have the pre-split asked for
+    if tokenizer_ranks(tokenizer_path)[2] != (DIGIT_SPLIT_PATTERN if args.split_digits else SPLIT_PATTERN):
+        raise SystemExit(f"{tokenizer_path} has another pre-split than --split_digits asks: delete it, or pass another "
+                         "--out_dir")
     summary["tokenizer"] = enc.name
 
     for name, corpus in corpora.items():

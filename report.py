@@ -105,6 +105,120 @@ def load_runs(out):
     return runs
 
 
+def bits_per_byte(losses, meta):
+    """Validation losses in nats per token as bits per byte of the split's text (its tokens over its bytes),
+    so that two tokenizers compare: a tokenizer with more, shorter tokens has an easier loss per token."""
+    return [loss / math.log(2) * meta["val"]["tokens"] / meta["val"]["bytes"] for loss in losses]
+
+
+def report_galactica(out, r):
+    """Galactica's lessons (Taylor et al. 2022), from run.py --extended's galactica_ stages: validation loss per
+    epoch of a curated subset against fresh data; few-shot and SFT pass@1 with and without prompts mixed into
+    domain pretraining, at two sizes; digits as tokens in bits per byte. [] where none of them ran."""
+    have = lambda name: os.path.exists(f"{out}/{name}/summary.json")  # noqa: E731
+    lines, rows = ["## Galactica: curated epochs, prompt pre-training, digits", "",
+                   "Not measured yet: the `<work>` working-memory tokens, which need a new vocabulary (every model "
+                   "trained again).", ""], []
+    if have("galactica_curated") and have("galactica_fresh") and have("galactica_data"):
+        cur, fresh = (read_json(f"{out}/{name}/summary.json") for name in ("galactica_curated", "galactica_fresh"))
+        data = read_json(f"{out}/galactica_data/summary.json")["curated"]
+        epoch = data["tokens"] / (cur["tokens"] / cur["steps"])  # steps per epoch
+        curves = [val_curve(f"{out}/{name}") for name in ("galactica_curated", "galactica_fresh")]
+        train = {x["step"]: x["loss"] for x in read_log(f"{out}/galactica_curated/log.jsonl") if "loss" in x}
+        lines += ["**Several epochs of curated data** (Galactica trained 4.25 epochs of its curated corpus, sec. 5). "
+                  f"The curated subset: documented functions of the domain training files, each once, "
+                  f"{data['functions']:,} of {data['documented_functions']:,} ({data['tokens']:,} tokens; all the "
+                  f"documented ones hold {data['documented_tokens']:,}, the domain corpus {data['domain_tokens']:,}), "
+                  f"from the generic model for {cur['steps']} steps, against as many tokens of the whole domain "
+                  f"corpus ({cur['tokens'] / data['domain_tokens']:.2f} of an epoch of it); validation loss on the "
+                  "held-out domain files at each epoch, and the curated run's training loss over that epoch (windows "
+                  "with copy-teaching spans included).", "",
+                  "| epoch | step | curated: val loss | curated: train loss | fresh: val loss |",
+                  "|---|---|---|---|---|"]
+        for step in sorted(set(curves[0]) & set(curves[1])):
+            seen = [loss for s, loss in train.items() if step - epoch <= s < step]  # the epoch that ends here
+            lines.append(f"| {step / epoch:.1f} | {step} | {curves[0][step]:.4f} | "
+                         f"{f'{fmean(seen):.4f}' if seen else ''} | {curves[1][step]:.4f} |")
+        val = [curves[0][s] for s in sorted(curves[0])]
+        rising = next((i for i in range(1, len(val)) if val[i] > val[i - 1]), None)
+        low, high = diff_interval(fresh["val_losses"], cur["val_losses"])
+        rows.append((f"{cur['steps'] / epoch:.0f} epochs of curated data do not overfit (Galactica)",
+                     (f"curated val loss rises from epoch {rising - 1:.0f} to {rising:.0f}" if rising else
+                      "curated val loss falls at every epoch") + " (means over the same validation batches at each "
+                     "epoch: the log keeps no per-batch losses, so no interval)", "**no**" if rising else "holds"))
+        rows.append(("a curated subset for several epochs does as well as as many tokens of fresh data (Galactica)",
+                     f"domain val loss, fresh - curated [{low:+.4f}, {high:+.4f}] over validation batches",
+                     verdict(low, high)))
+    pairs = [("the preset's size", "pretrain_domain", "galactica_prompts", "galactica_sft", "galactica_sft_prompts"),
+             ("small", "galactica_small_domain", "galactica_small_prompts", "galactica_sft_small",
+              "galactica_sft_small_prompts")]
+    pairs = [p for p in pairs if all(have(name) for name in p[1:])]
+    if pairs:
+        share = read_json(f"{out}/galactica_data/summary.json")["prompts"]["share"]
+        lines += ["", f"**Prompt pre-training** (Galactica, sec. 3): {pct(share)} of the domain stage's training "
+                  "tokens in the chat format (demonstrations to requests drawn as the reward model's are, from "
+                  "training compositions, and factual questions about training modules answered with a lookup), the "
+                  "rest the domain corpus; the same steps, then the same SFT on each (settings in the table). Greedy "
+                  "test pass@1 with 95% intervals over prompts: the domain model prompted few-shot as in SFT's "
+                  "report, the domain model asked in the chat format with no example (zero-shot: what the mixed-in "
+                  "prompts could teach it), and SFT.", "",
+                  "| size | params | domain val loss: without / with | few-shot: without | with | zero-shot: without | "
+                  "with | SFT: without | with | SFT steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+        zero_shot = read_json(f"{out}/galactica_zero_shot/summary.json") if have("galactica_zero_shot") else {}
+        gains = {}
+        for size, base, mixed, sft, sft_mixed in pairs:
+            b, m, s0, s1 = (read_json(f"{out}/{name}/summary.json") for name in (base, mixed, sft, sft_mixed))
+            passed = {"few-shot": (s0["few_shot_base"]["passed"], s1["few_shot_base"]["passed"]),
+                      "zero-shot": (zero_shot.get(base), zero_shot.get(mixed)),
+                      "SFT": (s0["test"]["greedy"]["passed"], s1["test"]["greedy"]["passed"])}
+            lines.append(f"| {size} | {b['params'] / 1e6:.2f}M | {b['val_loss']:.4f} / {m['val_loss']:.4f} | " +
+                         " | ".join(interval(p) if p else "not run" for pair in passed.values() for p in pair) +
+                         f" | {max(val_curve(f'{out}/{sft}'))} on {s0['n_train']:,} demonstrations |")
+            for what, (z, a) in passed.items():
+                if not z or not a:
+                    continue
+                gains[size, what] = [x - y for x, y in zip(a, z)]
+                low, high = bootstrap_ci(gains[size, what])
+                rows.append((f"prompt pre-training raises {what} pass@1 ({size} model)",
+                             f"{interval(gains[size, what], signed=True)} (with - without, paired over test prompts)",
+                             verdict(low, high)))
+        if len(pairs) == 2:  # Galactica: "especially for smaller models"
+            for what in [w for w in ("few-shot", "zero-shot", "SFT") if ("small", w) in gains]:  # one stage: both
+                more = [s - b for s, b in zip(gains["small", what], gains["the preset's size", what])]
+                low, high = bootstrap_ci(more)
+                rows.append((f"prompt pre-training helps the small model more ({what})",
+                             f"gain small - gain at the preset's size {interval(more, signed=True)}",
+                             verdict(low, high)))
+    if have("galactica_digits/data") and have("galactica_digits_scratch") and have("pretrain_domain_scratch"):
+        digits, base = (read_json(f"{out}/{name}/summary.json") for name in ("galactica_digits_scratch",
+                                                                             "pretrain_domain_scratch"))
+        bpb = [bits_per_byte(s["val_losses"], read_json(f"{folder}/domain/meta.json"))
+               for s, folder in ((digits, f"{out}/galactica_digits/data"), (base, f"{out}/data"))]
+        rng = np.random.default_rng(0)  # different windows of text under the two tokenizers: resampled apart
+        diff = rng.choice(bpb[0], (2000, len(bpb[0]))).mean(1) - rng.choice(bpb[1], (2000, len(bpb[1]))).mean(1)
+        low, high = np.percentile(diff, [2.5, 97.5])
+        lines += ["", "**Digits as tokens** (Galactica, sec. 3; LLaMA): a tokenizer whose pre-split cuts numbers "
+                  "into single digits (`data.py --split_digits`, the same vocabulary size), and a domain model from "
+                  "scratch on each tokenizer's tokens. Validation loss in bits per byte (nats per token / ln 2 x the "
+                  "validation split's tokens per byte), so the tokenizers compare; intervals over validation batches.",
+                  "", "| tokenizer | model | val loss (nats/token) | bits per byte | val tokens per byte |",
+                  "|---|---|---|---|---|"]
+        for name, s, b, folder in (("digits split", digits, bpb[0], f"{out}/galactica_digits/data"),
+                                   ("GPT-4's pre-split (up to 3 digits)", base, bpb[1], f"{out}/data")):
+            meta = read_json(f"{folder}/domain/meta.json")["val"]
+            lines.append(f"| {name} | {s['params'] / 1e6:.2f}M params, {s['steps']} steps | {s['val_loss']:.4f} | "
+                         f"{interval(b, scale=1, digits=4)} | {meta['tokens'] / meta['bytes']:.4f} |")
+        rows.append(("splitting numbers into digits changes validation bits per byte (Galactica, LLaMA)",
+                     f"split - not {fmean(bpb[0]) - fmean(bpb[1]):+.4f} [{low:+.4f}, {high:+.4f}] bits per byte",
+                     "lower with digits" if high < 0 else "higher with digits" if low > 0 else "no difference shown"))
+        lines += ["", "Not measured: the arithmetic questions' accuracy with digit tokens, which needs the whole chain "
+                  "(generic, domain, SFT) on the new tokenizer."]
+    if not rows:
+        return []
+    table = [f"| {c} | {m} | {v} |" for c, m, v in rows]
+    return lines + ["", "| claim | measured | verdict |", "|---|---|---|", *table, ""]
+
+
 def claims(out, r):
     """The seed's claims in miniature: (claim, what was measured, verdict from the intervals)."""
     rows = []
@@ -664,7 +778,7 @@ if __name__ == "__main__":
                   "its numbers say nothing about the models.", ""]
     lines += claims(out, r) + report_pretraining(out, r, timings) + report_sft(out, r, timings) + report_tools(out, r)
     lines += report_reward(out, r) + report_ppo(out, r) + report_variants(out, r) + report_dialogue(r)
-    lines += report_examples(out)
+    lines += report_galactica(out, r) + report_examples(out)
     change = what_ppo_changed(r)
     if change:
         lines += [f"What PPO changed, on one test prompt ({change[0]}): the SFT model's first sample, then PPO's.", "",

@@ -54,6 +54,55 @@ REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_b
              "reward.py": ["--n_prompts", "16", "--best_of", "1", "2", "4", "--dtype", "bfloat16"],
              "ppo.py": ["--iterations", "2", "--rollout_batch", "8", "--minibatch", "4", "--n_eval", "4",
                         "--eval_samples", "2", "--n_fact_eval", "4", "--dtype", "bfloat16"]}
+# Galactica's lessons (--extended; galactica.py, report.report_galactica). batch_tokens: pretrain.PRESETS'; cpu's
+# SFT: 300 steps on 7200 + 2400 demonstrations (the default's 1000 on 24000 + 8000), to afford four; gpu: the curated
+# subset is the standard library's (1.2M tokens documented), so an epoch is 8 steps
+GALACTICA = {
+    "quick": dict(epoch_steps=10, batch_tokens=1024, small="--n_layer 1 --n_head 2 --n_embd 32", sft="--n_samples 1"),
+    "cpu": dict(epoch_steps=30, batch_tokens=4096, small="--n_layer 2 --n_head 3 --n_embd 96",
+                sft="--max_steps 300 --eval_interval 100 --n_train 7200 --n_facts 2400 --n_samples 1 --n_fact_eval 8"),
+    "gpu": dict(epoch_steps=8, batch_tokens=2**17, small="--n_layer 4 --n_head 4 --n_embd 256", sft="--n_samples 1")}
+EPOCHS = 4  # Galactica's 4.25 epochs (Taylor et al. 2022, sec. 5)
+
+
+def galactica_stages(args, out, preset, tok, sft, data):
+    """The --extended stages of report.report_galactica (sft's own --init_from comes last and wins)."""
+    g, pretrain = GALACTICA[args.preset], ["pretrain.py", *preset, *tok]
+    epochs = ["--max_steps", str(EPOCHS * g["epoch_steps"]), "--warmup_steps", str(EPOCHS * g["epoch_steps"] // 10),
+              "--eval_interval", str(g["epoch_steps"])]
+    generic, small = (["--init_from", f"{out}/{n}/ckpt.pt"] for n in ("pretrain_generic", "galactica_small_generic"))
+    mixed = ["--data", f"{out}/galactica_data/prompts"]
+    domain = ("pretrain_domain", "galactica_prompts", "galactica_small_domain", "galactica_small_prompts")
+    return [
+        ("galactica_data", ["data", "docs"], [
+            "galactica.py", *tok, "--domain_data", f"{out}/data/domain", "--docs_index", f"{out}/docs/index.json",
+            "--curated_tokens", str(g["epoch_steps"] * g["batch_tokens"]), "--out_dir", f"{out}/galactica_data"]),
+        ("galactica_curated", ["galactica_data", "pretrain_generic"], [
+            *pretrain, *generic, *epochs, "--data", f"{out}/galactica_data/curated", "--out_dir",
+            f"{out}/galactica_curated"]),
+        ("galactica_fresh", ["pretrain_generic"], [*pretrain, *generic, *epochs, "--data", f"{out}/data/domain",
+                                                   "--out_dir", f"{out}/galactica_fresh"]),
+        ("galactica_prompts", ["galactica_data", "pretrain_generic"], [*pretrain, *generic, *mixed, "--out_dir",
+                                                                       f"{out}/galactica_prompts"]),
+        ("galactica_small_generic", ["data"], [*pretrain, *g["small"].split(), "--data", f"{out}/data/generic",
+                                               "--out_dir", f"{out}/galactica_small_generic"]),
+        ("galactica_small_domain", ["galactica_small_generic"], [*pretrain, *small, "--data", f"{out}/data/domain",
+                                                                 "--out_dir", f"{out}/galactica_small_domain"]),
+        ("galactica_small_prompts", ["galactica_small_generic", "galactica_data"], [
+            *pretrain, *small, *mixed, "--out_dir", f"{out}/galactica_small_prompts"]),
+        *[(f"galactica_sft{name}", [parent, "docs"], [*sft, *g["sft"].split(), "--init_from", f"{out}/{parent}/ckpt.pt",
+                                                      "--out_dir", f"{out}/galactica_sft{name}"])
+          for name, parent in (("", "pretrain_domain"), ("_prompts", "galactica_prompts"),
+                               ("_small", "galactica_small_domain"), ("_small_prompts", "galactica_small_prompts"))],
+        ("galactica_zero_shot", list(domain), ["galactica.py", *tok, "--zero_shot",
+                                               *[f"{out}/{n}/ckpt.pt" for n in domain], "--out_dir",
+                                               f"{out}/galactica_zero_shot"]),
+        # data.py writes its summary under out_dir/data, as for the default's "data" stage
+        ("galactica_digits/data", [], ["data.py", "--split_digits", *data[3:], "--out_dir", f"{out}/galactica_digits"]),
+        ("galactica_digits_scratch", ["galactica_digits/data"], [  # against pretrain_domain_scratch
+            "pretrain.py", *preset, "--tokenizer", f"{out}/galactica_digits/tokenizer.json", "--data",
+            f"{out}/galactica_digits/data/domain", "--out_dir", f"{out}/galactica_digits_scratch"]),
+    ]
 
 
 def stage_graph(args):
@@ -93,6 +142,7 @@ def stage_graph(args):
         # the control for the replay: what fine-tuning does to copying without it
         stages.append(("sft_no_replay", ["pretrain_domain", "docs"], [*sft, "--replay_batch", "0",
                                                                       "--out_dir", f"{out}/sft_no_replay"]))
+        stages += galactica_stages(args, out, preset, tok, sft, data)
     for name, (flags, default) in PPO_RUNS.items():
         if default or args.extended:
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",

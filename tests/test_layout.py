@@ -7,7 +7,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = ("common", "model", "muon", "flash_attention", "data", "tasks", "judge", "tools", "sandbox")
-PROGRAMS = ("pretrain", "sft", "reward", "ppo", "chat", "run", "report", "examples/export")
+PROGRAMS = ("pretrain", "sft", "reward", "ppo", "chat", "run", "report", "galactica", "examples/export")
 
 
 def imports(name, root=ROOT):
