@@ -23,7 +23,7 @@ PRETRAIN_RUNS = ("pretrain_generic", "pretrain_domain", "pretrain_domain_scratch
 VARIANTS = {"ppo": "PPO, reward model", "ppo_tests": "PPO, tests", "ppo_both": "PPO, RM + tests",
             "grpo_tests": "GRPO, tests", "ppo_adaptive_kl": "PPO, RM, adaptive KL"}  # side by side, in this order
 DEV_RUNS = ("ppo_dev_beta0.05", "ppo_dev_beta0.15")  # the runs that chose beta on dev prompts
-RL_RUNS = ("ppo", "ppo_ptx", "grpo_tests", "ppo_tests", "ppo_both", "ppo_adaptive_kl", *DEV_RUNS)  # rows in this order
+RL_RUNS = ("ppo", "ppo_ptx", "grpo_tests", "ppo_tests", "ppo_both", "ppo_adaptive_kl", *DEV_RUNS, "evidence_rl")  # in order
 
 
 def read_json(path):
@@ -640,6 +640,13 @@ def report_dialogue(r):
              "| policy | follow-up pass@1 (rename, extend) | held-out kind (map) | fixed after a reported failure | "
              "rule broken on probes | declined the forbidden part | over-refusal | right and supported |",
              "|---" * 8 + "|", *rows]
+    if "evidence_rl" in r["ppo_runs"]:  # Sparrow's preference for supported answers, from the judge itself
+        supported = [[a and b for a, b in zip(x["right"], x["attributable"])]
+                     for x in (r["ppo_runs"]["evidence_rl"]["facts"], sft["facts"])]
+        low, high = diff_interval(*supported)
+        lines += ["", f"RL on the judge's reward (GRPO on factual questions of training modules, the toolset run in the "
+                  f"rollouts): right and supported {pct(fmean(supported[0]))} against SFT's {pct(fmean(supported[1]))} "
+                  f"on the same held-out questions (difference [{low * 100:+.1f}, {high * 100:+.1f}] points)."]
     owned = [a for a, kind in zip(f["admitted"], f["kinds"]) if kind == "fix"]
     lines += ["", f"The SFT model owned up to the mistake in its first line in {pct(fmean(owned))} of the reported "
               "failures (\"You're right: I used ...\", as the demonstrators do)"
