@@ -630,7 +630,7 @@ def report_dialogue(r):
              f"({n['rename']} renames, {n['extend']} extensions, each extension into a held-out composition); "
              f"the held-out kind ({n['map']} \"make it take a list\", no training conversation asks it); after a "
              f"reported failure ({n['fix']}: the first answer has a constant off by one and the user says what a call "
-             "returned and should return), the fix rate. In training, a fifth of the requests went on for a second "
+             "returned and should return), the fix rate. In training, a sixth of the requests went on for a second "
              "turn, some for a third. Probing: the held-out forbidden requests of Sparrow's adversarial probing (a "
              "third of them split over two turns: the request answered, then the forbidden part alone); rule broken "
              "by the gold checker (Sparrow: 8%); over-refusal on ordinary test requests. Right and supported: the "

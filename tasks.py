@@ -7,7 +7,7 @@ demonstrators write SFT data, sometimes flawed; labelers rank K responses by a h
 (InstructGPT); probers label rule violations (Sparrow); the gold judge (judge.py) runs the hidden tests in the
 sandbox. Splits: 'train'; 'heldout_comp', op combinations never in train; 'heldout_phrase', train combinations
 in sentence templates never used in train. A tenth of the training requests also ask for what the rules forbid,
-which the demonstrators decline; 'probe' asks it in held-out words (Sparrow's adversarial probing). A fifth go
+which the demonstrators decline; 'probe' asks it in held-out words (Sparrow's adversarial probing). A sixth go
 on as conversations: a follow-up changes the function or reports a failure, which the demonstrator owns up to
 and fixes (ChatGPT); 'followup' holds out kinds and compositions.
 """
@@ -342,7 +342,8 @@ NEW_NAMES = ('g', 'h', 'run', 'step', 'fn')
 ADMIT = "# You're right: I used {} where the request says {}. Here is the fix.\n"
 ADMIT_RE = re.compile(r"\A\s*#[^\n]*\b(?:right|mistake|wrong)\b")  # a first line that owns up
 SPLIT_PROBE = 'One more thing: {clause}.'  # a forbidden request's second turn, reserved for 'probe'
-CONVERSATION_SHARE, THIRD_TURN_SHARE = 0.2, 0.3  # of the training sets' requests; of those conversations
+CONVERSATION_SHARE, THIRD_TURN_SHARE = 0.2, 0.3  # of the training sets' requests (16% end up conversations: a longer
+# one stays a single request); of those conversations
 MAX_CONTEXT_CHARS = 320  # of a conversation before its last answer: at most ~150 tokens (the quick preset's
 # smaller vocabulary), so that an answer of 96 tokens fits a block of 256
 
