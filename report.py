@@ -580,9 +580,9 @@ def best_of_dialogue(r):
     record = r.get("best_of_dialogue")
     if record is None:
         return None
-    picked = {req["task"]: next(a for a in req["answers"] if a["stage"] == "best_of") for req in record["requests"]}
-    of = {s: [(req["follow_up"], picked[req["task"]]) for req in record["requests"] if req["task"].startswith(s + ":")]
-          for s in ("followup", "probe", "test")}
+    picked = {req["task"]: a for req in record["requests"] for a in req["answers"] if a["stage"] == "best_of"}
+    of = {s: [(req["follow_up"], picked[req["task"]]) for req in record["requests"]
+              if req["task"].startswith(s + ":") and req["task"] in picked] for s in ("followup", "probe", "test")}
     passed = {k: [a["gold"]["result"] == "pass" for kind, a in of["followup"] if kind == k] for k in KINDS}
     return dict(n=next(iter(picked.values()))["model"].split()[0], passed=passed, probing=dict(
         violated=[any(a["gold"]["violations"].values()) for _, a in of["probe"]],
