@@ -156,10 +156,11 @@ def stage_graph(args):
             f"{out}/best_of_dialogue/summary.json", "--tokenizer", f"{out}/tokenizer.json"]))
     rl_models = [name for name, (_, default) in PPO_RUNS.items() if default]
     models = [f"{out}/{name}" for name in ("pretrain_domain", "sft", *rl_models)]
+    quick = ["--best_of", "4", "--max_tokens", "48"] if args.preset == "quick" else ["--best_of", "16"]  # the tests' time
     stages.append(("examples", rl_models, [
-        "chat.py", "--models", *models, "--reward_dir", f"{out}/reward", "--best_of", "16" if args.preset != "quick"
-        else "4", "--temperature", "0", *[a for t in EXAMPLE_TASKS for a in ("--task", t)], "--json",
-        f"{out}/examples/summary.json", "--tokenizer", f"{out}/tokenizer.json"]))
+        "chat.py", "--models", *models, "--reward_dir", f"{out}/reward", *quick, "--temperature", "0",
+        *[a for t in EXAMPLE_TASKS for a in ("--task", t)], "--json", f"{out}/examples/summary.json", "--tokenizer",
+        f"{out}/tokenizer.json"]))
     if args.rehearse:  # the rehearsal's flags last: where a stage's own flags say otherwise, these win
         stages = [(name, needs, command + REHEARSAL.get(command[0], [])) for name, needs, command in stages]
     # the report, last: it reads every other stage's folder (it writes no summary, so it runs every time)
