@@ -35,21 +35,13 @@ reward models (the preference RM and, as in Sparrow, the rule model), and for GA
         --out_dir out/ppo_mine                                        # your own prompts (data.read_prompts)
 
 Honest simplifications: few iterations (a CPU budget; InstructGPT ran 256k episodes); the KL in the
-reward uses the sampled log-ratio (k1), the usual estimator, and GRPO's in the loss the k3 one; the
-rule term is a penalty on probabilities rather than Sparrow's log-probability of compliance; GRPO
-groups of 4 (Shao et al. used 64) and one update per rollout batch's epoch, like PPO here. GRPO's
-loss, like PPO's, is a mean over the minibatch's tokens, where Shao et al.'s eq. 3 averages each
-response's tokens and then the responses: every token weighs the same whatever its response's length
-(DAPO's token-level loss, Yu et al. 2025), so a long wrong answer is not penalized less per token
-than a short one, the length bias Liu et al. 2025 find in eq. 3. Sparrow (Glaese et al. 2022) trained
-its preference for supported answers into a reward model from people's ratings; --reward evidence
-scores with the judge the report measures by (a program: no learned proxy to over-optimize), all or
-nothing: a right answer without its evidence earns what a wrong one does, since partial credit for
-'right' alone would pay for the unsupported claims Sparrow trains away. Its rollouts run the tools:
+reward uses the sampled log-ratio (k1), GRPO's in the loss the k3 one; the rule term is a penalty on
+probabilities, not Sparrow's log-probability of compliance; GRPO groups of 4 (Shao et al.: 64). GRPO's loss,
+like PPO's, is a mean over the minibatch's tokens (DAPO's token-level loss, Yu et al. 2025), not Shao et
+al.'s eq. 3 mean of means, whose length bias Liu et al. 2025 find. --reward evidence scores with the judge
+itself where Sparrow (Glaese et al. 2022) learned a reward model from ratings; all or nothing, since credit
+for 'right' alone would pay for the unsupported claims Sparrow trains away; its rollouts run the tools, and
 the results forced into a response are the environment's moves, off the action mask (tests pin it).
-The rule term stays on there too, though our rules are about code: within a group the rule model's
-probabilities differ by ~0.01 on factual answers, which GRPO's division by the group's std makes a
-full advantage wherever the judge scores the group alike (about half of them); --rule_coef 0 drops it.
 """
 import argparse
 import json
