@@ -61,7 +61,7 @@ from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_bat
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
 from judge import evaluate_followups, evaluate_probing, followup_line, gold_eval_many, judge_responses, sample_responses
 from tasks import encode_task, prompt_set, win_rates
-from tools import ToolRunner, evaluate_facts, judge_fact, load_index, question_set
+from tools import ToolRunner, evaluate_facts, fact_answer_tokens, judge_fact, load_index, question_set
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4,
@@ -75,7 +75,6 @@ PTX_SEED, LABELER_SEED, GENERIC_VAL_SEED = 1, 40, 0  # seed offsets: ptx batches
 GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE = 16, 8  # the generic validation loss: 16 batches of 8 windows
 SCORE_BATCH = 64  # sequences per forward pass when scoring and in the evaluation's KL
 TESTS_TIMEOUT = 1.0  # seconds per program when the tests are the reward: a loop is a failure, fast
-FACT_MAX_NEW_TOKENS = 200  # a factual answer's tokens, its tool result included (sft.py judges facts at the same)
 
 
 # -----------------------------------------------------------------------------
@@ -383,7 +382,7 @@ def parse_flags(argv=None):
     parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, used in "
                         "every log-prob")
     parser.add_argument("--max_new_tokens", type=positive_int, default=96, help="longest response to a programming "
-                        "request (a factual answer: FACT_MAX_NEW_TOKENS, within the block)")
+                        "request (a factual answer: tools.FACT_MAX_NEW_TOKENS, within the block)")
     # reward
     parser.add_argument("--reward", default="rm", choices=("rm", "tests", "both", "evidence"), help="what scores a "
                         "response: the reward model, the prompt's hidden tests, rm + test_coef * tests, or on "
@@ -506,9 +505,11 @@ if __name__ == "__main__":
     for m in (policy, reference, value_model, reward_model, rule_model):
         if m is not None:
             m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
-    # a factual answer needs room for its lookup's result (as sft.py judges them); a request, --max_new_tokens
-    rollout_tokens = args.max_new_tokens if docs is None else min(FACT_MAX_NEW_TOKENS, policy.config.block_size - max(
-        len(p) for p in prompt_pool + [encode_chat(enc, q.prompt)[0] for q in fact_questions]))
+    # a factual answer needs room for its lookup's result (as sft.py judges them); a request, --max_new_tokens;
+    # the toolset at hand for factual questions: lookups run mid-answer (LaMDA)
+    rollout_tokens = args.max_new_tokens if docs is None else fact_answer_tokens(
+        prompt_pool + [encode_chat(enc, q.prompt)[0] for q in fact_questions], policy.config.block_size)
+    tool_runner = ToolRunner(enc, docs) if docs else None
 
     # -----------------------------------------------------------------------------
     # optimizers, at a constant learning rate
@@ -556,9 +557,9 @@ if __name__ == "__main__":
         prompts = [p for p in prompt_pool[this] for _ in range(args.group_size)]  # group_size times, side by side
         tasks = task_pool and [t for t in task_pool[this] for _ in range(args.group_size)]
         questions = question_pool and [q for q in question_pool[this] for _ in range(args.group_size)]
-        with torch.no_grad(), autocast:  # the toolset at hand for factual questions: lookups run mid-answer (LaMDA)
+        with torch.no_grad(), autocast:
             gen = policy.generate(prompts, rollout_tokens, args.temperature, eos_id=end_id, pad_id=pad_id,
-                                  generator=sample_rng, tool_runner=ToolRunner(enc, docs) if questions else None)
+                                  generator=sample_rng, tool_runner=tool_runner)
         responses, ended, x, targets, mask, sampled_logprobs = rollout_batch(prompts, gen, end_id, pad_id, device)
         t1 = time.perf_counter()
 

@@ -51,7 +51,7 @@ from model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from judge import (N_SHOTS, evaluate_few_shot, evaluate_followups, evaluate_policy, evaluate_probing, followup_line,
                    gold_eval_many, sample_responses)
 from tasks import demonstrate, encode_task, prompt_set
-from tools import demonstrate_fact, evaluate_facts, load_index, question_set
+from tools import demonstrate_fact, evaluate_facts, fact_answer_tokens, load_index, question_set
 
 PRESETS = {
     "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
@@ -65,7 +65,6 @@ PRESETS = {
                 n_samples=64, n_fact_eval=446, replay_batch=16),
 }
 N_VAL = 256  # held-out demonstrations for the validation loss
-FACT_MAX_NEW_TOKENS = 200  # a tool result alone can take 100 tokens
 LENGTH_WINDOW = 50  # batches per window sorted by length (length_grouped_batches)
 # replayed pretraining windows: 128 tokens, half of them with a copy-teaching span of 5-30 tokens
 # (data.insert_repeats). Measured (cpu preset, 1000 steps): without them the induction test fell from
@@ -335,8 +334,8 @@ if __name__ == "__main__":
                 n_samples=args.n_samples, prompts=[encode_task(enc, t)[0] for t in test_tasks],
                 samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
         if fact_questions:
-            fact_tokens = min(FACT_MAX_NEW_TOKENS, model.config.block_size - max(len(encode_chat(enc, q.prompt)[0])
-                                                                                   for q in fact_questions))
+            fact_tokens = fact_answer_tokens([encode_chat(enc, q.prompt)[0] for q in fact_questions],
+                                             model.config.block_size)
             summary["facts"] = evaluate_facts(model, enc, docs, fact_questions, fact_tokens)
     if args.demos:
         summary.update(demos=args.demos, unavailable={

@@ -41,6 +41,7 @@ from judge import sample_responses
 
 MAX_RESULT = 300     # characters of a tool result: prompt + call + result + answer fit in 256 tokens
 MAX_SIGNATURE = 100  # entries with longer signatures get no questions (their evidence would not fit)
+FACT_MAX_NEW_TOKENS = 200  # a factual answer, its tool result included (a result alone can take 100 tokens)
 
 # -----------------------------------------------------------------------------
 # the documentation index, built from the standard library's source
@@ -460,6 +461,11 @@ def judge_fact(index, question, response):
                else "no call" if not calls else "wrong query" if not found else "ignored result")
     return dict(right=right, attributable=attributable, calls=len(calls), found=found, failure=failure,
                 stated=stated, quote=quote)
+
+
+def fact_answer_tokens(prompts, block_size):
+    """The tokens a factual answer may take: FACT_MAX_NEW_TOKENS, or what the longest prompt leaves of the block."""
+    return min(FACT_MAX_NEW_TOKENS, block_size - max(len(p) for p in prompts))
 
 
 def evaluate_facts(model, enc, index, questions, max_new_tokens):
