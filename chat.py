@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from common import HelpFormatter, setup_device, write_json
-from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, encode_chat, encode_response, load_tokenizer
+from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, WORK, WORK_END, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
 from judge import FEW_SHOT_TOKENS, N_SHOTS, best_of_n, extract_code, few_shot_prompt, gold_eval_many
 from tasks import PROMPT_SETS, RULES, declines, prompt_set
@@ -48,7 +48,8 @@ HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compos
 MAX_BODY, MAX_REQUEST, MAX_BEST_OF = 64 * 2**10, 4000, 64  # the limits: body bytes, request chars, best-of samples
 SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request or stop reading; then its thread is free again
 COLORS = {CALL: "\033[36m" + CALL, CALL_END: CALL_END + "\033[0m", RESULT: "\033[33m" + RESULT,
-          RESULT_END: RESULT_END + "\033[0m"}  # tool calls and results, set apart on a terminal
+          RESULT_END: RESULT_END + "\033[0m", WORK: "\033[2m" + WORK,
+          WORK_END: WORK_END + "\033[0m"}  # tool calls, results and working (dim), set apart on a terminal
 
 
 def check_setting(name, value):

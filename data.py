@@ -52,9 +52,12 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|
 DIGIT_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
 CALL, CALL_END, RESULT, RESULT_END = "<|call|>", "<|/call|>", "<|result|>", "<|/result|>"
+WORK, WORK_END = "<|work|>", "<|/work|>"
 # documents end with EOT; chats use USER, ASSISTANT and END; a tool call (LaMDA's toolset) is
-# CALL query CALL_END, written by the assistant, and RESULT text RESULT_END, written by the tool
-SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END, CALL, CALL_END, RESULT, RESULT_END)
+# CALL query CALL_END, written by the assistant, and RESULT text RESULT_END, written by the tool;
+# WORK steps WORK_END is the assistant's working memory, a calculation worked out step by step before
+# the answer (Galactica's <work>, Taylor et al. 2022, sec. 3.1.1)
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END, CALL, CALL_END, RESULT, RESULT_END, WORK, WORK_END)
 VAL_EVERY = 20  # one file in 20 goes to validation
 
 # -----------------------------------------------------------------------------
@@ -414,13 +417,14 @@ def insert_repeats(windows, share, shortest, longest, n_ordinary, generator):
 # the chat format, the same for every stage after pretraining:
 #   <|endoftext|> <|user|> request <|assistant|> response <|end|> <|user|> request <|assistant|> ...
 # A response is text, or a list of (kind, text) segments: "text" the assistant writes, "call" a tool
-# call it writes (<|call|> query <|/call|>), "result" what the tool returned (<|result|> text <|/result|>).
+# call it writes (<|call|> query <|/call|>), "result" what the tool returned (<|result|> text <|/result|>),
+# "work" its working (<|work|> steps <|/work|>).
 
 
 def encode_response(enc, response):
     """Tokens of one assistant turn, its end token included, and the mask of the tokens the
-    assistant writes: 1 on its text, its calls and its end token, 0 on tool results, which it
-    only reads (they are never trained on, and never counted as the policy's actions)."""
+    assistant writes: 1 on its text, its calls, its working and its end token, 0 on tool results,
+    which it only reads (they are never trained on, and never counted as the policy's actions)."""
     segments = [("text", response)] if isinstance(response, str) else response
     special = enc.encode_single_token
     tokens, mask = [], []
@@ -431,8 +435,10 @@ def encode_response(enc, response):
             piece = [special(CALL), *enc.encode_ordinary(text), special(CALL_END)]
         elif kind == "result":  # untrusted text: ordinary tokens only, never special ones
             piece = [special(RESULT), *enc.encode_ordinary(text), special(RESULT_END)]
+        elif kind == "work":
+            piece = [special(WORK), *enc.encode_ordinary(text), special(WORK_END)]
         else:
-            raise ValueError(f"unknown response segment kind {kind!r} (text, call or result)")
+            raise ValueError(f"unknown response segment kind {kind!r} (text, call, result or work)")
         tokens += piece
         mask += [int(kind != "result")] * len(piece)
     return tokens + [special(END)], mask + [1]
@@ -473,26 +479,26 @@ def chat_batch(examples, pad_id, device):
     return x[:, :-1].to(device), y[:, 1:].to(device)
 
 
-TOOL_SEGMENT = regex.compile(f"{regex.escape(CALL)}(.*?){regex.escape(CALL_END)}|"
-                             f"{regex.escape(RESULT)}(.*?){regex.escape(RESULT_END)}", regex.S)
+SEGMENT_TOKENS = {"call": (CALL, CALL_END), "result": (RESULT, RESULT_END), "work": (WORK, WORK_END)}
+SEGMENT = regex.compile("|".join(f"{regex.escape(a)}(.*?){regex.escape(b)}" for a, b in SEGMENT_TOKENS.values()),
+                        regex.S)
 
 
 def segments(text):
-    """A response's decoded text back into encode_response's segments: its tool calls and results,
-    written out with their special tokens, become call and result segments again. The one parser of
-    tool segments: tools.parse_calls reads a response's calls through it."""
-    parts, out = TOOL_SEGMENT.split(text), []  # text, call or None, result or None, text, ...
-    for i in range(0, len(parts), 3):
+    """A response's decoded text back into encode_response's segments: its tool calls, results and
+    working, written out with their special tokens, become call, result and work segments again. The
+    one parser of segments: tools.parse_calls reads a response's calls through it."""
+    parts, out, k = SEGMENT.split(text), [], 1 + len(SEGMENT_TOKENS)  # text, call, result, work, text, ...
+    for i in range(0, len(parts), k):
         out += [("text", parts[i])] if parts[i] else []
-        if i + 1 < len(parts):
-            out.append(("call", parts[i + 1]) if parts[i + 1] is not None else ("result", parts[i + 2]))
+        out += [(kind, part) for kind, part in zip(SEGMENT_TOKENS, parts[i + 1:i + k]) if part is not None]
     return out
 
 
 def render_response(segments):
-    """Segments as the decoded text of generated tokens: calls and results between their tokens (the
-    inverse of segments)."""
-    wrap = {"text": "{}", "call": CALL + "{}" + CALL_END, "result": RESULT + "{}" + RESULT_END}
+    """Segments as the decoded text of generated tokens: calls, results and working between their
+    tokens (the inverse of segments)."""
+    wrap = {"text": "{}", **{kind: a + "{}" + b for kind, (a, b) in SEGMENT_TOKENS.items()}}
     return "".join(wrap[kind].format(text) for kind, text in segments)
 
 

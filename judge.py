@@ -77,14 +77,14 @@ def extract_code(response):
 
 @torch.no_grad()
 def sample_responses(model, enc, prompts, n_samples, temperature, max_new_tokens, generator=None, batch_size=256,
-                     tool_runner=None):
+                     tool_runner=None, end_id=None):
     """n_samples responses to each prompt (token lists), prompt-major, generated in batches with the
     KV cache (run it under the stage's autocast). Each is a dict: tokens (the response, its end token
     included when it ended), logprobs (per token, 0 where forced), forced (tool-result tokens the
     policy did not choose), text (decoded, tool calls and results included, end token dropped)
-    and ended."""
+    and ended (at end_id, the end of the turn unless told)."""
     model.eval()
-    end_id, pad_id = enc.encode_single_token(END), enc.encode_single_token(EOT)
+    end_id, pad_id = enc.encode_single_token(END) if end_id is None else end_id, enc.encode_single_token(EOT)
     jobs = [p for p in prompts for _ in range(n_samples)]
     out = []
     for start in range(0, len(jobs), batch_size):

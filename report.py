@@ -116,9 +116,7 @@ def report_galactica(out, r):
     epoch of a curated subset against fresh data; few-shot and SFT pass@1 with and without prompts mixed into
     domain pretraining, at two sizes; digits as tokens in bits per byte. [] where none of them ran."""
     have = lambda name: os.path.exists(f"{out}/{name}/summary.json")  # noqa: E731
-    lines, rows = ["## Galactica: curated epochs, prompt pre-training, digits", "",
-                   "Not measured yet: the `<work>` working-memory tokens, which need a new vocabulary (every model "
-                   "trained again).", ""], []
+    lines, rows = ["## Galactica: curated epochs, prompt pre-training, working memory, digits", ""], []
     if have("galactica_curated") and have("galactica_fresh") and have("galactica_data"):
         cur, fresh = (read_json(f"{out}/{name}/summary.json") for name in ("galactica_curated", "galactica_fresh"))
         data = read_json(f"{out}/galactica_data/summary.json")["curated"]
@@ -211,8 +209,42 @@ def report_galactica(out, r):
         rows.append(("splitting numbers into digits changes validation bits per byte (Galactica, LLaMA)",
                      f"split - not {fmean(bpb[0]) - fmean(bpb[1]):+.4f} [{low:+.4f}, {high:+.4f}] bits per byte",
                      "lower with digits" if high < 0 else "higher with digits" if low > 0 else "no difference shown"))
-        lines += ["", "Not measured: the arithmetic questions' accuracy with digit tokens, which needs the whole chain "
-                  "(generic, domain, SFT) on the new tokenizer."]
+    models = [(label, name) for label, name in (("GPT-4's pre-split", "galactica_arithmetic"),
+                                                 ("digits split", "galactica_digits_arithmetic")) if have(f"{name}_eval")]
+    if models:
+        runs = {name: read_json(f"{out}/{name}_eval/summary.json") for _, name in models}
+        data = read_json(f"{out}/galactica_data/summary.json")["arithmetic"]
+        steps = max(val_curve(f"{out}/{models[0][1]}"))
+        lines += ["", "**Working memory** (Galactica, sec. 3.1.1: `<work>` around step-by-step reasoning). The "
+                  "toolset's arithmetic (a 3-4 digit number times a 2-3 digit one; sums of two or three 3-4 digit "
+                  f"numbers): {data['demonstrations']:,} demonstrations, each answered one of three ways in turn: a "
+                  "calculator call, the working inside `<|work|>` ... `<|/work|>` then the answer (a sum column by "
+                  "column with its carries; a product by one partial product per digit, then their column sum), or "
+                  f"the answer alone; SFT for {steps} steps (the loss "
+                  "on the working too) from each tokenizer's domain model from scratch. Then "
+                  f"{data['held_out']} held-out questions, the model made to take each road by the response's first "
+                  "tokens (`galactica.answer_by_road`): greedy, right when the claim's number is exact; 95% intervals "
+                  "over questions.", "", "| tokenizer | " + " | ".join(
+                      f"{road}: {kind}" for road in ("direct", "work", "calc") for kind in ("sum", "product")) + " |",
+                  "|---|" + "---|" * 6]
+        for label, name in models:
+            run = runs[name]
+            cells = [interval([x for x, k in zip(run[road], run["kinds"]) if k == kind])
+                     for road in ("direct", "work", "calc") for kind in ("sum", "product")]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            for road, other in (("work", "direct"), ("calc", "work")):
+                low, high = diff_interval(run[road], run[other])
+                rows.append((f"{'working in `<work>`' if road == 'work' else 'the calculator'} beats "
+                             f"{'the direct answer' if other == 'direct' else 'working in `<work>`'} ({label})",
+                             f"right, {road} - {other}: {interval([a - b for a, b in zip(run[road], run[other])], signed=True)}"
+                             " (paired over held-out questions)", verdict(low, high)))
+        if len(models) == 2:
+            for road in ("direct", "work", "calc"):
+                a, b = runs["galactica_digits_arithmetic"][road], runs["galactica_arithmetic"][road]
+                low, high = bootstrap_ci([x - y for x, y in zip(a, b)])
+                rows.append((f"digit tokens help arithmetic ({road})", f"right, digits - not: "
+                             f"{interval([x - y for x, y in zip(a, b)], signed=True)} (the same questions)",
+                             verdict(low, high)))
     if not rows:
         return []
     table = [f"| {c} | {m} | {v} |" for c, m, v in rows]

@@ -57,11 +57,15 @@ REHEARSAL = {"pretrain.py": ["--max_steps", "2", "--batch_size", "2", "--total_b
 # Galactica's lessons (--extended; galactica.py, report.report_galactica). batch_tokens: pretrain.PRESETS'; cpu's
 # SFT: 300 steps on 7200 + 2400 demonstrations (the default's 1000 on 24000 + 8000), to afford four; gpu: the curated
 # subset is the standard library's (1.2M tokens documented), so an epoch is 8 steps
+# arithmetic: galactica.py's arithmetic.jsonl (questions, held-out ones) and the SFT that learns it: one pass at cpu
 GALACTICA = {
-    "quick": dict(epoch_steps=10, batch_tokens=1024, small="--n_layer 1 --n_head 2 --n_embd 32", sft="--n_samples 1"),
+    "quick": dict(epoch_steps=10, batch_tokens=1024, small="--n_layer 1 --n_head 2 --n_embd 32", sft="--n_samples 1",
+                  arithmetic="--n_arithmetic 320 --n_arithmetic_eval 12", arithmetic_sft="--max_steps 10"),
     "cpu": dict(epoch_steps=30, batch_tokens=4096, small="--n_layer 2 --n_head 3 --n_embd 96",
-                sft="--max_steps 300 --eval_interval 100 --n_train 7200 --n_facts 2400 --n_samples 1 --n_fact_eval 8"),
-    "gpu": dict(epoch_steps=8, batch_tokens=2**17, small="--n_layer 4 --n_head 4 --n_embd 256", sft="--n_samples 1")}
+                sft="--max_steps 300 --eval_interval 100 --n_train 7200 --n_facts 2400 --n_samples 1 --n_fact_eval 8",
+                arithmetic="--n_arithmetic 19200 --n_arithmetic_eval 300", arithmetic_sft="--max_steps 600"),
+    "gpu": dict(epoch_steps=8, batch_tokens=2**17, small="--n_layer 4 --n_head 4 --n_embd 256", sft="--n_samples 1",
+                arithmetic="--n_arithmetic 19200 --n_arithmetic_eval 300", arithmetic_sft="--max_steps 600")}
 EPOCHS = 4  # Galactica's 4.25 epochs (Taylor et al. 2022, sec. 5)
 
 
@@ -73,10 +77,23 @@ def galactica_stages(args, out, preset, tok, sft, data):
     generic, small = (["--init_from", f"{out}/{n}/ckpt.pt"] for n in ("pretrain_generic", "galactica_small_generic"))
     mixed = ["--data", f"{out}/galactica_data/prompts"]
     domain = ("pretrain_domain", "galactica_prompts", "galactica_small_domain", "galactica_small_prompts")
+    arithmetic = []  # working memory, with each tokenizer: arithmetic by three roads, learned by a scratch model
+    for name, parent, tokenizer in (("arithmetic", "pretrain_domain_scratch", f"{out}/tokenizer.json"), (
+            "digits_arithmetic", "galactica_digits_scratch", f"{out}/galactica_digits/tokenizer.json")):
+        arithmetic += [
+            (f"galactica_{name}", ["galactica_data", parent], [
+                *sft, *g["arithmetic_sft"].split(), "--replay_batch", "0", "--demos",
+                f"{out}/galactica_data/arithmetic.jsonl", "--tokenizer", tokenizer, "--init_from",
+                f"{out}/{parent}/ckpt.pt", "--out_dir", f"{out}/galactica_{name}"]),
+            (f"galactica_{name}_eval", [f"galactica_{name}"], [
+                "galactica.py", "--tokenizer", tokenizer, "--docs_index", f"{out}/docs/index.json",
+                *g["arithmetic"].split(), "--arithmetic", f"{out}/galactica_{name}/ckpt.pt", "--out_dir",
+                f"{out}/galactica_{name}_eval"])]
     return [
         ("galactica_data", ["data", "docs"], [
             "galactica.py", *tok, "--domain_data", f"{out}/data/domain", "--docs_index", f"{out}/docs/index.json",
-            "--curated_tokens", str(g["epoch_steps"] * g["batch_tokens"]), "--out_dir", f"{out}/galactica_data"]),
+            "--curated_tokens", str(g["epoch_steps"] * g["batch_tokens"]), *g["arithmetic"].split(),
+            "--out_dir", f"{out}/galactica_data"]),
         ("galactica_curated", ["galactica_data", "pretrain_generic"], [
             *pretrain, *generic, *epochs, "--data", f"{out}/galactica_data/curated", "--out_dir",
             f"{out}/galactica_curated"]),
@@ -102,6 +119,7 @@ def galactica_stages(args, out, preset, tok, sft, data):
         ("galactica_digits_scratch", ["galactica_digits/data"], [  # against pretrain_domain_scratch
             "pretrain.py", *preset, "--tokenizer", f"{out}/galactica_digits/tokenizer.json", "--data",
             f"{out}/galactica_digits/data/domain", "--out_dir", f"{out}/galactica_digits_scratch"]),
+        *arithmetic,
     ]
 
 

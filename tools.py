@@ -425,8 +425,8 @@ def demonstrate_fact(index, question, use_tools):
 
 
 def parse_calls(text):
-    """(the (call, result) pairs, the answer after the last of them) of a decoded response, read through
-    data.segments: each call with the result right after it, or None where none came."""
+    """(the (call, result) pairs, the answer after the last of them, its working left out) of a decoded
+    response, read through data.segments: each call with the result right after it, or None where none came."""
     parts = segments(text)
     calls, rest = [], 0
     for i, (kind, call) in enumerate(parts):
@@ -434,7 +434,8 @@ def parse_calls(text):
             result = parts[i + 1][1] if i + 1 < len(parts) and parts[i + 1][0] == "result" else None
             calls.append((call, result))
             rest = i + 1 + (result is not None)
-    return calls, render_response(parts[rest:]).split(END)[0].strip()
+    answer = render_response([(kind, text) for kind, text in parts[rest:] if kind != "work"])  # working is not said
+    return calls, answer.split(END)[0].strip()
 
 
 def judge_fact(index, question, response):

@@ -1,10 +1,19 @@
-"""Galactica's data lessons: the curation rule, digits as tokens, the share of prompts mixed into pretraining."""
+"""Galactica's lessons: the curation rule, digits as tokens, the share of prompts mixed into pretraining, and
+working memory (the working's steps, its tokens, the three roads to an arithmetic answer)."""
+import random
+import re
+
 import numpy as np
 import pytest
 import regex
+import torch
 
-from data import DIGIT_SPLIT_PATTERN, SPLIT_PATTERN, load_tokenizer, save_tokenizer, train_bpe
-from galactica import curate, mix
+from data import (CALL, CALL_END, DIGIT_SPLIT_PATTERN, END, SPLIT_PATTERN, WORK, WORK_END, encode_chat, load_tokenizer,
+                  render_response, save_tokenizer, segments, train_bpe)
+from galactica import (ARITHMETIC, ROADS, answer_by_road, arithmetic_sets, curate, demonstrate_arithmetic, mix,
+                       work_out)
+from model import Generation
+from tools import Question, _arithmetic_question, build_index, calculate, judge_fact, parse_calls
 
 SOURCE = '''
 def documented(x):
@@ -65,3 +74,87 @@ def test_prompt_mix_share():
 def test_the_report_section_is_empty_without_its_stages(tmp_path):
     from report import report_galactica
     assert report_galactica(str(tmp_path), {}) == []
+
+
+def test_working_states_true_steps_digit_by_digit():
+    """Every step of the working is true arithmetic on the numbers' own digits, column by column with the
+    carry, and the working ends on the calculator's value."""
+    rng = random.Random(0)
+    for _ in range(300):
+        kind = rng.choice(ARITHMETIC)
+        q = _arithmetic_question(kind, rng)
+        work = work_out(q.subject)
+        assert work.endswith(f"so {calculate(q.subject)}"), work
+        columns = [step for step in re.findall(r"[\d+]+=\d+", work.split(";")[-1])]
+        addends = [int(n) for n in (work.split(";")[-1].split(":")[0] if kind == "product" else q.subject).split("+")]
+        carry = 0
+        for i, step in enumerate(columns):
+            digits, total = step.split("=")
+            digits = [int(d) for d in digits.split("+")]
+            assert digits == [n // 10 ** i % 10 for n in addends] + ([carry] if carry else []), (work, i)
+            assert sum(digits) == int(total)
+            carry = int(total) // 10
+        if kind == "product":
+            a, b = (int(n) for n in q.subject.split("*"))
+            for x, y, z in re.findall(r"(\d+)\*(\d+)=(\d+)", work):
+                assert int(x) == a and int(x) * int(y) == int(z)
+            assert sum(addends) == a * b
+
+
+def test_work_segments_are_the_assistants_and_not_its_answer(enc):
+    """<|work|> ... <|/work|> is trained on (mask 1), decodes back into the same segments, and the judge
+    reads the claim after it, never a number inside it."""
+    response = [("work", "1+2=3, so 3"), ("text", '`1 + 2` is `3`: "3"')]
+    tokens, mask = encode_chat(enc, "What is 1 + 2?", response)
+    start = tokens.index(enc.encode_single_token(WORK))
+    assert tokens[start:].count(enc.encode_single_token(WORK_END)) == 1 and all(mask[start:])
+    decoded = enc.decode(tokens[start:-1])
+    assert segments(decoded) == response and render_response(response) == decoded
+    q = Question("What is 1 + 2?", "3", "sum", None, "1 + 2", "3", "calc: 1 + 2")
+    assert judge_fact(None, q, decoded)["right"]
+    assert not judge_fact(None, q, render_response([("work", '`1 + 2` is `3`'), ("text", '`1 + 2` is `4`: "4"')]))["right"]
+
+
+def test_arithmetic_roads_are_demonstrated_right_and_held_out_numbers_unseen():
+    index = build_index([("m.py", 'def f(x=1):\n    """Does f."""\n')])
+    train, held_out = arithmetic_sets(index, 600, 100, seed=0)
+    assert len(held_out) == 100 and not {q.subject for q in train} & {q.subject for q in held_out}
+    assert {q.kind for q in train} == set(ARITHMETIC)
+    for i, q in enumerate(train[:30]):
+        road = ROADS[i % len(ROADS)]
+        response = demonstrate_arithmetic(index, q, road)
+        assert [kind for kind, _ in response][0] == {"calc": "call", "work": "work", "direct": "text"}[road]
+        assert judge_fact(index, q, response)["right"]
+
+
+class ScriptedModel:
+    """A stand-in for a chat model with generate()'s interface: after <|call|> it writes a calculator call,
+    anywhere else the answer `7`; what answer_by_road forces around it is what is tested."""
+    config = type("Config", (), {"block_size": 256})
+
+    def __init__(self, enc):
+        self.enc = enc
+
+    def eval(self):
+        return self
+
+    def generate(self, prompts, max_new_tokens, temperature, eos_id=None, pad_id=0, generator=None, tool_runner=None):
+        special = self.enc.encode_single_token
+        rows = [self.enc.encode_ordinary("calc: 3 + 4") + [special(CALL_END)] if p[-1] == special(CALL)
+                else self.enc.encode_ordinary('7`: "7"') + [special(END)] for p in prompts]
+        width = max(map(len, rows))
+        pad = lambda row: row + [pad_id] * (width - len(row))  # noqa: E731
+        return Generation(torch.tensor([pad(r) for r in rows]), torch.zeros(len(rows), width),
+                          torch.tensor([len(r) for r in rows]), torch.zeros(len(rows), width, dtype=torch.bool))
+
+
+def test_each_road_is_forced_from_the_first_token(enc):
+    index = build_index([("m.py", 'def f(x=1):\n    """Does f."""\n')])
+    q = Question("What is 3 + 4?", "7", "sum", None, "3 + 4", "7", "calc: 3 + 4")
+    direct, work, calc = (answer_by_road(ScriptedModel(enc), enc, index, [q], road)[0]
+                          for road in ("direct", "work", "calc"))
+    assert direct == '`3 + 4` is `7`: "7"'
+    assert work.startswith(WORK)
+    calls, answer = parse_calls(calc)
+    assert calls == [("calc: 3 + 4", "7")] and answer == '7`: "7"'  # the calculator's result, read in
+    assert judge_fact(index, q, direct)["right"]
