@@ -1,7 +1,8 @@
 """
-Galactica's data lessons (Taylor et al. 2022), written as token folders that pretrain.py trains on as
-they are: each folder holds a train.bin of its own and the domain corpus's validation split, so every
-run's validation loss is on the same held-out files.
+Galactica's lessons (Taylor et al. 2022), as data the other stages train on as they are (run.py
+--extended runs the experiment), and the measurements they need. The token folders each hold a
+train.bin of their own and the domain corpus's validation split, so every run's validation loss is on
+the same held-out files.
 
   curated/  a small curated subset of the domain corpus, to be trained on for several epochs (Galactica,
             secs. 3 and 5: a curated corpus of 106B tokens seen for 4.25 epochs, and validation loss
@@ -22,8 +23,8 @@ run's validation loss is on the same held-out files.
     python galactica.py --zero_shot out/pretrain_domain/ckpt.pt out/galactica_prompts/ckpt.pt \
         --out_dir out/galactica_zero_shot                 # domain models asked in the chat format, as they are
 
-  arithmetic.jsonl  working memory (Galactica, sec. 3.1.1: <work> ... </work> around step-by-step reasoning):
-            the toolset's multi-digit sums and products, each answered one of three ways in turn: with the
+  arithmetic.jsonl  working memory (Galactica, sec. 3.1.1: <work> ... </work> around step-by-step reasoning),
+            demonstrations in TRL's prompt-completion format: the toolset's multi-digit sums and products, each answered one of three ways in turn: with the
             calculator (as SFT's demonstrations), worked out digit by digit inside <|work|> ... <|/work|> and
             then answered, or answered directly; sft.py --demos trains on them (the loss covers the working).
             --arithmetic then asks a fine-tuned model held-out numbers, made to take each road in turn.
