@@ -265,9 +265,10 @@ if __name__ == "__main__":
                         "on its data, with bf16 autocast and compiled pretraining, on any machine (see REHEARSAL)")
     parser.add_argument("--out_dir", default=None, help="every stage writes under this folder (default: out, or "
                         "out_rehearse with --rehearse, so that a rehearsal's stages never pass for a run's)")
-    parser.add_argument("--extended", action="store_true", help="also the RL runs past the default's time budget: "
+    parser.add_argument("--extended", action="store_true", help="also the runs past the default's time budget: "
                         "PPO on the tests, on RM + tests, the adaptive KL controller, the dev runs that chose beta, "
-                        "GRPO on the factual questions' evidence")
+                        "GRPO on the factual questions' evidence, SFT's controls, best-of-n in dialogue, Galactica's "
+                        "lessons")
     parser.add_argument("--jobs", type=int, default=2, help="stages run at the same time (1: one at a time, output "
                         "on the terminal)")
     args = parser.parse_args()

@@ -170,9 +170,10 @@ const config = ok({models: [{name: 'sft', stage: 'sft'}], splits: ['<b>x</b>'], 
 def test_the_page_escapes_everything_it_shows():
     shown = page(fetch="url => config", then="""console.log(JSON.stringify([
         notes({rules: {'<img src=x onerror=alert(1)>': 0.9}, gold: {result: '"><script>', utility: 1}, tokens: 3}),
-        show('<b>hi</b> <|call|>x<|/call|>'), els.split.innerHTML]));""")
+        show('<b>hi</b> <|call|>x<|/call|> <|work|>1+<b>2</b><|/work|>'), els.split.innerHTML]));""")
     assert not any(re.search(r"<(img|script|b>)", s) for s in shown), shown
     assert "&lt;img src=x" in shown[0] and '<span class="call">' in shown[1]  # the page's own markup stays
+    assert '<span class="work">&#9998; 1+&lt;b&gt;2' in shown[1]  # the working, set apart
 
 
 @pytest.mark.skipif(NODE is None, reason="no node to run the page's script in")
