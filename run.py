@@ -154,13 +154,13 @@ def stage_graph(args):
         ("sft_closed_book", ["sft"], [*sft, "--tools", "0", "--eval", "facts", "--n_train", "0", "--epochs", "1",
                                       "--out_dir", f"{out}/sft_closed_book"]),
     ]
-    if args.extended:  # the control for the toolset's cost: the same SFT budget, all of it programming
+    if args.extended:  # Galactica's lessons first (the longest chain), then the control for the toolset's cost: the
+        stages += galactica_stages(args, out, preset, tok, sft, data)  # same SFT budget, all of it programming
         stages.append(("sft_code_only", ["pretrain_domain", "docs"], [*sft, "--n_facts", "0", "--n_train", "32000",
                                                                       "--out_dir", f"{out}/sft_code_only"]))
         # the control for the replay: what fine-tuning does to copying without it
         stages.append(("sft_no_replay", ["pretrain_domain", "docs"], [*sft, "--replay_batch", "0",
                                                                       "--out_dir", f"{out}/sft_no_replay"]))
-        stages += galactica_stages(args, out, preset, tok, sft, data)
     for name, (flags, default) in PPO_RUNS.items():
         if default or args.extended:
             stages.append((name, ["reward"], ["ppo.py", *preset, *tok, "--sft", f"{out}/sft/ckpt.pt", "--reward_dir",

@@ -158,3 +158,29 @@ def test_each_road_is_forced_from_the_first_token(enc):
     calls, answer = parse_calls(calc)
     assert calls == [("calc: 3 + 4", "7")] and answer == '7`: "7"'  # the calculator's result, read in
     assert judge_fact(index, q, direct)["right"]
+
+
+def test_the_working_memory_verdicts_come_from_the_roads(tmp_path):
+    """The report's working-memory rows: each road's accuracy by kind, and a verdict per comparison that
+    holds only where the interval clears zero (work right on every sum, direct on none)."""
+    import json
+    from report import report_galactica
+    kinds = ["sum", "product"] * 50
+    runs = {"galactica_arithmetic": dict(direct=[False] * 100, work=[k == "sum" for k in kinds], calc=[True] * 100),
+            "galactica_digits_arithmetic": dict(direct=[False] * 100, work=[True] * 100, calc=[True] * 100)}
+    (tmp_path / "galactica_data").mkdir()
+    (tmp_path / "galactica_data" / "summary.json").write_text(json.dumps(dict(arithmetic=dict(
+        demonstrations=900, held_out=100))))
+    for name, run in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text(json.dumps(dict(step=600, val_loss=0.5)) + "\n")
+        (tmp_path / f"{name}_eval").mkdir()
+        (tmp_path / f"{name}_eval" / "summary.json").write_text(json.dumps(dict(run, kinds=kinds)))
+    lines = "\n".join(report_galactica(str(tmp_path), {}))
+    assert "| GPT-4's pre-split | 0.0 [0.0, 0.0]% | 0.0 [0.0, 0.0]% | 100.0 [100.0, 100.0]% | 0.0 [0.0, 0.0]% |" in lines
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines.splitlines()]
+    verdicts = {cells[0]: cells[2] for cells in rows if len(cells) == 3}
+    assert verdicts["working in `<work>` beats the direct answer (GPT-4's pre-split)"] == "holds"
+    assert verdicts["the calculator beats working in `<work>` (digits split)"] == "not shown at this size"
+    assert verdicts["digit tokens help arithmetic (work)"] == "holds"
+    assert verdicts["digit tokens help arithmetic (calc)"] == "not shown at this size"
