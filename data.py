@@ -395,6 +395,18 @@ def get_batch(data, batch_size, block_size, generator, device, repeats=None):
     return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
 
+@torch.no_grad()
+def window_losses(model, data, n_batches, batch_size, block_size, seed, autocast):
+    """The model's loss on each of n_batches batches of windows drawn with a fixed seed: the same windows at
+    every call, so that curves from different runs, or a model before and after RL, compare batch by batch."""
+    rng, device, losses = torch.Generator().manual_seed(seed), next(model.parameters()).device, []
+    for _ in range(n_batches):
+        x, y = get_batch(data, batch_size, block_size, rng, device)
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    return losses
+
+
 def insert_repeats(windows, share, shortest, longest, n_ordinary, generator):
     """Data that teaches copying, in place: in each window with probability `share`, a span of
     random ordinary tokens, of a random length in [shortest, longest], written at a random place

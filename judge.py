@@ -15,7 +15,7 @@ import torch
 
 from data import END, EOT
 from sandbox import EXEC_TIMEOUT, execute_many
-from tasks import ADMIT_RE, FOLLOW_UPS, check_rules, declines, encode_task, make_tests, utility
+from tasks import ADMIT_RE, FOLLOW_UPS, check_rules, declines, encode_task, make_tests, utility, win_rates
 
 def fresh_tests(task):
     """A second, independent set of hidden tests for the same request: new inputs, expected values
@@ -163,6 +163,12 @@ def evaluate_probing(model, enc, probe_tasks, ordinary, max_new_tokens=96):
     return dict(probing_rates(judged, ordinary), split=[bool(t.history) for t in probe_tasks])
 
 
+def probing_line(p, ordinary="test"):
+    """evaluate_probing's verdicts in a line, for the stages' logs (ordinary: the set over-refusal was read on)."""
+    return (f"adversarial probes: rule broken {p['violation_rate']:.1%} | declined {p['decline_rate']:.1%} | allowed "
+            f"part passes {p['pass1']:.1%} | over-refusal on {ordinary} requests {p['over_refusal_rate']:.1%}")
+
+
 def evaluate_followups(model, enc, tasks, max_new_tokens=96):
     """Conversations' last turns (prompt_set('followup')): a chat policy's greedy answers judged on the function each
     turn asks for; per kind, pass@1; after a reported failure, whether the answer owns up in its first line
@@ -181,6 +187,37 @@ def followup_line(f):
     return ("follow-ups: pass@1 " + " | ".join(f"{k} {v:.1%}" for k, v in f['pass1'].items()) +
             f" | after a reported failure: owned up {fmean(a for a, _ in fixes):.1%}, fixed "
             f"{fmean(p for _, p in fixes):.1%}")
+
+
+def evaluate_against_sft(model, enc, tasks, samples, sft_samples, probe_tasks, followup_tasks, labeler_rng,
+                         max_new_tokens=96):
+    """A tuned policy on held-out tasks beside SFT (ppo.py's final summary): its samples (prompt-major,
+    any number per task) judged with fresh tests (hacking), SFT's the same way unless already judged;
+    each sample against SFT's of the same index under the simulated labelers and the noiseless judge;
+    greedy pass@1; adversarial probing beside over-refusal on these ordinary requests; the follow-ups.
+    Returns the summary's entries (against_sft_lines writes them for the log)."""
+    n, n_sft = len(samples) // len(tasks), len(sft_samples) // len(tasks)
+    judged = judge_responses([t for t in tasks for _ in range(n)], samples, fresh=True)
+    if "utility" not in sft_samples[0]:  # sampled by the caller, not read from sft.py's judged samples
+        judge_responses([t for t in tasks for _ in range(n_sft)], sft_samples, fresh=True)
+    prompts = [encode_task(enc, t)[0] for t in tasks]
+    greedy = judge_responses(tasks, sample_responses(model, enc, prompts, 1, 0.0, max_new_tokens))
+    labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
+                                             n, n_sft, labeler_rng)
+    return dict(sampled={k: judged[k] for k in ("passed", "utility", "violated", "hacked")},
+                greedy_passed=greedy["passed"], labeler_wins=labeler_wins, noiseless_wins=noiseless_wins,
+                probing=evaluate_probing(model, enc, probe_tasks, greedy, max_new_tokens),
+                followups=evaluate_followups(model, enc, followup_tasks, max_new_tokens))
+
+
+def against_sft_lines(s, eval_set):
+    """evaluate_against_sft's verdicts in the log's lines: the win rates and the sampled answers' rates, probing,
+    the follow-ups."""
+    rate = {key: fmean(values) for key, values in s['sampled'].items()}
+    return "\n".join([f"{eval_set}: win rate vs SFT {fmean(s['labeler_wins']):.1%} (labelers), "
+                      f"{fmean(s['noiseless_wins']):.1%} (noiseless) | pass@1 {rate['passed']:.1%} | utility "
+                      f"{rate['utility']:+.3f} | violations {rate['violated']:.1%} | hacked {rate['hacked']:.1%}",
+                      probing_line(s['probing'], eval_set), followup_line(s['followups'])])
 
 
 def rerank_by_logprob(samples, n_samples):

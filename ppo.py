@@ -57,11 +57,11 @@ from tqdm import tqdm
 from common import (HelpFormatter, StopFlag, check_finite, follow_core_share, log_metrics, nonneg_float, nonneg_int,
                     parse_args, positive_float, positive_int, setup_device, trim_log, write_json)
 from data import (EOT, END, encode_chat, encode_conversation, fit_block, get_batch, load_tokenizer, load_tokens,
-                  read_prompts, split_held_out)
+                  read_prompts, split_held_out, window_losses)
 from model import last_token_scores, load_checkpoint, model_from_checkpoint, save_checkpoint
-from judge import evaluate_followups, evaluate_probing, followup_line, gold_eval_many, judge_responses, sample_responses
-from tasks import encode_task, prompt_set, win_rates
-from tools import ToolRunner, evaluate_facts, fact_answer_tokens, judge_fact, load_index, question_set
+from judge import against_sft_lines, evaluate_against_sft, gold_eval_many, sample_responses
+from tasks import encode_task, prompt_set
+from tools import ToolRunner, evaluate_facts, fact_answer_tokens, facts_line, judge_fact, load_index, question_set
 
 PRESETS = {
     "quick": dict(iterations=3, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=1e-4, n_eval=16, ptx_batch=4,
@@ -323,7 +323,7 @@ def adaptive_beta(beta, kl, target, n_samples, horizon):
 
 
 # -----------------------------------------------------------------------------
-# judging the policy after training, against the SFT model: the KL, the generic-text loss (and tasks.win_rates)
+# judging the policy after training against the SFT model: the KL, the generic-text loss (the gold judge: judge.py)
 
 @torch.no_grad()
 def kl_per_response(policy, reference, prompts, samples, pad_id, temperature, autocast):
@@ -344,16 +344,10 @@ def kl_per_response(policy, reference, prompts, samples, pad_id, temperature, au
     return kls
 
 
-@torch.no_grad()
 def generic_val_losses(model, data, autocast):
-    """Loss per batch of generic validation text, on the same windows every time (a fixed seed): what
-    PPO-ptx protects."""
-    rng, device, losses = torch.Generator().manual_seed(GENERIC_VAL_SEED), next(model.parameters()).device, []
-    for _ in range(GENERIC_VAL_BATCHES):
-        x, y = get_batch(data, GENERIC_VAL_BATCH_SIZE, model.config.block_size, rng, device)
-        with autocast:
-            losses.append(model(x, y)[1].item())
-    return losses
+    """Loss per batch of generic validation text, on the same windows every time: what PPO-ptx protects."""
+    return window_losses(model, data, GENERIC_VAL_BATCHES, GENERIC_VAL_BATCH_SIZE, model.config.block_size,
+                         GENERIC_VAL_SEED, autocast)
 
 
 # -----------------------------------------------------------------------------
@@ -502,9 +496,8 @@ if __name__ == "__main__":
             value_model.load_state_dict(resume["value_model"])
     reward_model = model_from_checkpoint(reward_ckpt, device, dropout=0.0).requires_grad_(False)
     rule_model = rules_ckpt and model_from_checkpoint(rules_ckpt, device, dropout=0.0).requires_grad_(False)
-    for m in (policy, reference, value_model, reward_model, rule_model):
-        if m is not None:
-            m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
+    for m in filter(None, (policy, reference, value_model, reward_model, rule_model)):
+        m.eval()  # eval mode throughout: no dropout anywhere, old and new log-probs come out equal
     # a factual answer needs room for its lookup's result (as sft.py judges them); a request, --max_new_tokens;
     # the toolset at hand for factual questions: lookups run mid-answer (LaMDA)
     rollout_tokens = args.max_new_tokens if docs is None else fact_answer_tokens(
@@ -672,21 +665,12 @@ if __name__ == "__main__":
                    train_seconds=sum(t_phase.values()), iterations=args.iterations,
                    episodes=args.iterations * args.rollout_batch, examples=[s["text"] for s in samples[:n * 3:n]])
     if eval_tasks:
-        judged = judge_responses([t for t in eval_tasks for _ in range(n)], samples, fresh=True)
-        if "utility" not in sft_samples[0]:  # sampled here: judged the same way
-            judge_responses([t for t in eval_tasks for _ in range(n_sft)], sft_samples, fresh=True)
-        with autocast:  # greedy: pass@1, and adversarial probing beside over-refusal on these ordinary requests
-            greedy = judge_responses(eval_tasks, sample_responses(policy, enc, eval_prompts, 1, 0.0,
-                                                                  args.max_new_tokens))
-            probing = evaluate_probing(policy, enc, prompt_set("probe", args.n_eval, args.seed), greedy,
-                                       args.max_new_tokens)
-            followups = evaluate_followups(policy, enc, prompt_set("followup", args.n_eval, args.seed),
-                                           args.max_new_tokens)
-        labeler_wins, noiseless_wins = win_rates([s["utility"] for s in samples], [s["utility"] for s in sft_samples],
-                                                 n, n_sft, random.Random(args.seed + LABELER_SEED))
-        summary.update(sampled={k: judged[k] for k in ("passed", "utility", "violated", "hacked")},
-                       greedy_passed=greedy["passed"], probing=probing, followups=followups, labeler_wins=labeler_wins,
-                       noiseless_wins=noiseless_wins, eval_set=args.eval_set)
+        with autocast:
+            judged = evaluate_against_sft(
+                policy, enc, eval_tasks, samples, sft_samples, prompt_set("probe", args.n_eval, args.seed),
+                prompt_set("followup", args.n_eval, args.seed), random.Random(args.seed + LABELER_SEED),
+                args.max_new_tokens)
+        summary.update(judged, eval_set=args.eval_set)
         write_json(os.path.join(args.out_dir, f"samples_{args.eval_set}.json"), dict(
             n_samples=n, prompts=[t.prompt for t in eval_tasks],
             samples=[{k: v for k, v in s.items() if k != "logprobs"} for s in samples]))
@@ -708,18 +692,9 @@ if __name__ == "__main__":
           f"tokens (SFT {fmean(summary['response_len_sft']):.1f}) | generic val loss {fmean(generic_before):.4f} -> "
           f"{fmean(summary['generic_val_losses_after']):.4f}")
     if eval_tasks:
-        print(f"{args.eval_set}: win rate vs SFT {fmean(labeler_wins):.1%} (labelers), {fmean(noiseless_wins):.1%} "
-              f"(noiseless) | pass@1 {judged['pass1']:.1%} | utility {judged['mean_utility']:+.3f} | violations "
-              f"{judged['violation_rate']:.1%} | hacked {judged['hack_rate']:.1%}")
-        print(f"adversarial probes: rule broken {probing['violation_rate']:.1%} | declined "
-              f"{probing['decline_rate']:.1%} | allowed part passes {probing['pass1']:.1%} | over-refusal on "
-              f"{args.eval_set} requests {probing['over_refusal_rate']:.1%}")
-        print(followup_line(followups))
+        print(against_sft_lines(summary, args.eval_set))
     if fact_questions:
-        f = summary["facts"]
-        print(f"held-out facts ({len(fact_questions)}): right {fmean(f['right']):.1%} | attributable "
-              f"{fmean(f['attributable']):.1%} | right and attributable "
-              f"{fmean(a and b for a, b in zip(f['right'], f['attributable'])):.1%} | found {fmean(f['found']):.1%}")
+        print(facts_line(summary["facts"]))
     for what, why in summary.get("unavailable", {}).items():
         print(f"not available: {what}: {why}")
     print("example:\n" + summary["examples"][0])

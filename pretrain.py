@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common import (HelpFormatter, StopFlag, any_rank, check_finite, cosine_lr, fraction, log_metrics, nonneg_float,
                     nonneg_int, parse_args, peak_flops, positive_float, positive_int, print0, setup_device,
                     setup_distributed, synchronize, trim_log, write_json)
-from data import SPECIAL_TOKENS, get_batch, load_tokenizer, load_tokens
+from data import SPECIAL_TOKENS, get_batch, load_tokenizer, load_tokens, window_losses
 from model import (ATTENTION_PATHS, GPT, GPTConfig, induction_test, load_checkpoint, model_from_checkpoint,
                    save_checkpoint)
 
@@ -178,17 +178,11 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # evaluation helpers
-    @torch.no_grad()
     def val_losses():
-        """Loss per batch on the same eval_batches batches of windows every time (a fixed seed), so
-        curves from different runs on this corpus compare directly, batch by batch."""
+        """Loss per batch on the same eval_batches batches of validation windows every time (a fixed seed)."""
         model.eval()
-        rng = torch.Generator().manual_seed(VAL_SEED)
-        losses = []
-        for _ in range(args.eval_batches):
-            x, y = get_batch(val_data, args.batch_size, args.block_size, rng, device)
-            with autocast:
-                losses.append(model(x, y)[1].item())
+        losses = window_losses(model, val_data, args.eval_batches, args.batch_size, args.block_size, VAL_SEED,
+                               autocast)
         model.train()
         return losses
 

@@ -49,9 +49,9 @@ from data import (ASSISTANT, EOT, SPECIAL_TOKENS, chat_batch, encode_chat, encod
                   load_tokenizer, load_tokens, read_demos, split_held_out)
 from model import load_checkpoint, model_from_checkpoint, save_checkpoint
 from judge import (N_SHOTS, evaluate_few_shot, evaluate_followups, evaluate_policy, evaluate_probing, followup_line,
-                   gold_eval_many, sample_responses)
+                   gold_eval_many, probing_line, sample_responses)
 from tasks import demonstrate, encode_task, prompt_set
-from tools import demonstrate_fact, evaluate_facts, fact_answer_tokens, load_index, question_set
+from tools import demonstrate_fact, evaluate_facts, fact_answer_tokens, facts_line, load_index, question_set
 
 PRESETS = {
     "quick": dict(n_train=400, n_facts=64, max_steps=20, batch_size=16, lr=1e-3, eval_interval=10, n_eval=16,
@@ -349,14 +349,10 @@ if __name__ == "__main__":
                f"pass@{args.n_samples} {test['pass_at_k'][args.n_samples]:.1%} | reranked "
                f"{test['pass1_reranked_logp']:.1%} | few-shot base {summary['few_shot_base']['pass1']:.1%} | "
                f"sampled violations {test['sampled']['violation_rate']:.1%}")
-        p = summary["probing"]
-        print0(f"adversarial probes: rule broken {p['violation_rate']:.1%} | declined {p['decline_rate']:.1%} | "
-               f"allowed part passes {p['pass1']:.1%} | over-refusal on test requests {p['over_refusal_rate']:.1%}")
+        print0(probing_line(summary["probing"]))
         print0(followup_line(summary["followups"]))
     if fact_questions:
-        f = summary["facts"]
-        print0(f"held-out facts: right {fmean(f['right']):.1%} | attributable {fmean(f['attributable']):.1%} | "
-               f"calls per answer {fmean(f['calls']):.2f}")
+        print0(facts_line(summary["facts"]))
     for what, why in summary.get("unavailable", {}).items():
         print0(f"not available: {what}: {why}")
     print0("example:\n" + "\n---\n".join(summary["examples"]))

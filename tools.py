@@ -469,6 +469,14 @@ def fact_answer_tokens(prompts, block_size):
     return min(FACT_MAX_NEW_TOKENS, block_size - max(len(p) for p in prompts))
 
 
+def facts_line(f):
+    """evaluate_facts' verdicts in a line, for the stages' logs."""
+    return (f"held-out facts ({len(f['right'])}): right {fmean(f['right']):.1%} | attributable "
+            f"{fmean(f['attributable']):.1%} | right and attributable "
+            f"{fmean(a and b for a, b in zip(f['right'], f['attributable'])):.1%} | found {fmean(f['found']):.1%} | "
+            f"calls per answer {fmean(f['calls']):.2f}")
+
+
 def evaluate_facts(model, enc, index, questions, max_new_tokens):
     """The gold judge on a chat model's greedy answers, generated with the toolset at hand (a
     closed-book model may call it too; it was never shown how): per question, right, attributable,
