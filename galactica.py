@@ -23,14 +23,15 @@ the same held-out files.
     python galactica.py --zero_shot out/pretrain_domain/ckpt.pt out/galactica_prompts/ckpt.pt \
         --out_dir out/galactica_zero_shot                 # domain models asked in the chat format, as they are
 
-  arithmetic.jsonl  working memory (Galactica, sec. 3.1.1: <work> ... </work> around step-by-step reasoning),
-            demonstrations in TRL's prompt-completion format: the toolset's multi-digit sums and products, each answered one of three ways in turn: with the
-            calculator (as SFT's demonstrations), worked out digit by digit inside <|work|> ... <|/work|> and
-            then answered, or answered directly; sft.py --demos trains on them (the loss covers the working).
-            --arithmetic then asks a fine-tuned model held-out numbers, made to take each road in turn.
+  arithmetic.jsonl  working memory (Galactica, sec. 3.1.1: <work> ... </work> around step-by-step
+            reasoning), demonstrations in TRL's prompt-completion format: the toolset's multi-digit sums
+            and products, each answered one of three ways in turn: with the calculator (as SFT's
+            demonstrations), worked out digit by digit inside <|work|> ... <|/work|> and then answered, or
+            answered directly; sft.py --demos trains on them (the loss covers the working). --arithmetic
+            then asks a fine-tuned model held-out numbers, made to take each road in turn.
 
     python sft.py --demos out/galactica_data/arithmetic.jsonl --init_from out/pretrain_domain_scratch/ckpt.pt \
-        --replay_batch 0 --out_dir out/galactica_arithmetic
+        --replay_batch 0 --max_steps 2400 --out_dir out/galactica_arithmetic       # four passes
     python galactica.py --arithmetic out/galactica_arithmetic/ckpt.pt --out_dir out/galactica_arithmetic_eval
 """
 import argparse

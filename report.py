@@ -210,7 +210,8 @@ def report_galactica(out, r):
                      f"split - not {fmean(bpb[0]) - fmean(bpb[1]):+.4f} [{low:+.4f}, {high:+.4f}] bits per byte",
                      "lower with digits" if high < 0 else "higher with digits" if low > 0 else "no difference shown"))
     models = [(label, name) for label, name in (("GPT-4's pre-split", "galactica_arithmetic"),
-                                                 ("digits split", "galactica_digits_arithmetic")) if have(f"{name}_eval")]
+                                                 ("digits split", "galactica_digits_arithmetic"))
+              if have(f"{name}_eval")]
     if models:
         runs = {name: read_json(f"{out}/{name}_eval/summary.json") for _, name in models}
         data = read_json(f"{out}/galactica_data/summary.json")["arithmetic"]
@@ -232,19 +233,17 @@ def report_galactica(out, r):
             cells = [interval([x for x, k in zip(run[road], run["kinds"]) if k == kind])
                      for road in ("direct", "work", "calc") for kind in ("sum", "product")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-            for road, other in (("work", "direct"), ("calc", "work")):
-                low, high = diff_interval(run[road], run[other])
-                rows.append((f"{'working in `<work>`' if road == 'work' else 'the calculator'} beats "
-                             f"{'the direct answer' if other == 'direct' else 'working in `<work>`'} ({label})",
-                             f"right, {road} - {other}: {interval([a - b for a, b in zip(run[road], run[other])], signed=True)}"
-                             " (paired over held-out questions)", verdict(low, high)))
+            for road, other, claim in (("work", "direct", "working in `<work>` beats the direct answer"),
+                                       ("calc", "work", "the calculator beats working in `<work>`")):
+                gain = [a - b for a, b in zip(run[road], run[other])]
+                rows.append((f"{claim} ({label})", f"right, {road} - {other}: {interval(gain, signed=True)} (paired "
+                             "over held-out questions)", verdict(*bootstrap_ci(gain))))
         if len(models) == 2:
             for road in ("direct", "work", "calc"):
-                a, b = runs["galactica_digits_arithmetic"][road], runs["galactica_arithmetic"][road]
-                low, high = bootstrap_ci([x - y for x, y in zip(a, b)])
+                digits, other = (runs[name][road] for name in ("galactica_digits_arithmetic", "galactica_arithmetic"))
+                gain = [a - b for a, b in zip(digits, other)]
                 rows.append((f"digit tokens help arithmetic ({road})", f"right, digits - not: "
-                             f"{interval([x - y for x, y in zip(a, b)], signed=True)} (the same questions)",
-                             verdict(low, high)))
+                             f"{interval(gain, signed=True)} (the same questions)", verdict(*bootstrap_ci(gain))))
     if not rows:
         return []
     table = [f"| {c} | {m} | {v} |" for c, m, v in rows]
