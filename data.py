@@ -51,12 +51,11 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|
 # is spelled by the same ten tokens and 1234 is never one token and 1235 two (data.py --split_digits)
 DIGIT_SPLIT_PATTERN = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 EOT, USER, ASSISTANT, END = "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"
-CALL, CALL_END, RESULT, RESULT_END = "<|call|>", "<|/call|>", "<|result|>", "<|/result|>"
-WORK, WORK_END = "<|work|>", "<|/work|>"
-# documents end with EOT; chats use USER, ASSISTANT and END; a tool call (LaMDA's toolset) is
-# CALL query CALL_END, written by the assistant, and RESULT text RESULT_END, written by the tool;
-# WORK steps WORK_END is the assistant's working memory, a calculation worked out step by step before
-# the answer (Galactica's <work>, Taylor et al. 2022, sec. 3.1.1)
+CALL, CALL_END, RESULT, RESULT_END, WORK, WORK_END = ("<|call|>", "<|/call|>", "<|result|>", "<|/result|>",
+                                                     "<|work|>", "<|/work|>")
+# documents end with EOT; chats use USER, ASSISTANT and END; the assistant writes a tool call (LaMDA's
+# toolset) as CALL query CALL_END, the tool its RESULT text RESULT_END; WORK steps WORK_END is working
+# memory, a calculation worked step by step before the answer (Galactica's <work>, Taylor et al. 2022)
 SPECIAL_TOKENS = (EOT, USER, ASSISTANT, END, CALL, CALL_END, RESULT, RESULT_END, WORK, WORK_END)
 VAL_EVERY = 20  # one file in 20 goes to validation
 
@@ -399,12 +398,9 @@ def get_batch(data, batch_size, block_size, generator, device, repeats=None):
 def window_losses(model, data, n_batches, batch_size, block_size, seed, autocast):
     """The model's loss on each of n_batches batches of windows drawn with a fixed seed: the same windows at
     every call, so that curves from different runs, or a model before and after RL, compare batch by batch."""
-    rng, device, losses = torch.Generator().manual_seed(seed), next(model.parameters()).device, []
-    for _ in range(n_batches):
-        x, y = get_batch(data, batch_size, block_size, rng, device)
-        with autocast:
-            losses.append(model(x, y)[1].item())
-    return losses
+    rng, device = torch.Generator().manual_seed(seed), next(model.parameters()).device
+    with autocast:
+        return [model(*get_batch(data, batch_size, block_size, rng, device))[1].item() for _ in range(n_batches)]
 
 
 def insert_repeats(windows, share, shortest, longest, n_ordinary, generator):
