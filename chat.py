@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlparse
 import torch
 
 from common import HelpFormatter, setup_device, write_json
-from data import CALL, CALL_END, END, EOT, RESULT, RESULT_END, WORK, WORK_END, encode_chat, encode_response, load_tokenizer
+from data import END, EOT, SEGMENT_TOKENS, encode_chat, encode_response, load_tokenizer
 from model import CheckpointError, last_token_scores, load_checkpoint, model_from_checkpoint
 from judge import FEW_SHOT_TOKENS, N_SHOTS, best_of_n, extract_code, few_shot_prompt, gold_eval_many
 from tasks import PROMPT_SETS, RULES, declines, prompt_set
@@ -47,9 +47,9 @@ TASK_LIMIT = 500  # tasks of each prompt set that /task and --task can name
 HELD_OUT = "test"  # the prompt set /task draws from by default: held-out compositions, what the report measures
 MAX_BODY, MAX_REQUEST, MAX_BEST_OF = 64 * 2**10, 4000, 64  # the limits: body bytes, request chars, best-of samples
 SOCKET_TIMEOUT = 10  # seconds a client may stall mid-request or stop reading; then its thread is free again
-COLORS = {CALL: "\033[36m" + CALL, CALL_END: CALL_END + "\033[0m", RESULT: "\033[33m" + RESULT,
-          RESULT_END: RESULT_END + "\033[0m", WORK: "\033[2m" + WORK,
-          WORK_END: WORK_END + "\033[0m"}  # tool calls, results and working (dim), set apart on a terminal
+SEGMENT_COLORS = {"call": "\033[36m", "result": "\033[33m", "work": "\033[2m"}  # on a terminal; the working dim
+COLORS = {token: colored for kind, (start, end) in SEGMENT_TOKENS.items()
+          for token, colored in ((start, SEGMENT_COLORS[kind] + start), (end, end + "\033[0m"))}
 
 
 def check_setting(name, value):

@@ -45,12 +45,13 @@ import textwrap
 import numpy as np
 
 from common import print0, write_json
-from data import (CALL, CALL_END, EOT, RESULT, RESULT_END, WORK, encode_chat, is_val, load_tokenizer, load_tokens,
-                  render_response, stdlib_sources)
+from data import (CALL, CALL_END, EOT, WORK, encode_chat, is_val, load_tokenizer, load_tokens, render_response,
+                  stdlib_sources)
 from model import load_checkpoint, model_from_checkpoint
 from judge import evaluate_policy, sample_responses
 from tasks import demonstrate, encode_task, prompt_set
-from tools import demonstrate_fact, fact_answer_tokens, judge_fact, load_index, make_questions, question_set, run_tool
+from tools import (ToolRunner, demonstrate_fact, fact_answer_tokens, judge_fact, load_index, make_questions,
+                   question_set)
 
 FLAW_RATE = 0.2  # the demonstrators' flaw rate, as SFT's (sft.py --flaw_rate)
 FACT_SHARE = 0.25  # of the prompt documents, factual questions: SFT's cpu preset mixes 8000 in 32000
@@ -129,7 +130,7 @@ def arithmetic_sets(index, n_train, n_eval, seed):
 def answer_by_road(model, enc, index, questions, road):
     """Greedy responses (decoded text, tokens written out) made to take one road from their first token:
     'direct' starts with the claim up to the number's backtick, so the number comes first; 'work' with
-    <|work|>; 'calc' with <|call|>, and the call's result is then read in as tools.ToolRunner does."""
+    <|work|>; 'calc' with <|call|>, and the call's result is then read in by tools.ToolRunner."""
     prompts = [encode_chat(enc, q.prompt)[0] for q in questions]
     max_new = fact_answer_tokens(prompts, model.config.block_size)
     special = enc.encode_single_token
@@ -137,12 +138,12 @@ def answer_by_road(model, enc, index, questions, road):
         starts = [enc.encode_ordinary(f"`{q.subject}` is `") for q in questions]
     elif road == "work":
         starts = [[special(WORK)] for _ in questions]
-    else:  # the call up to its end token, then the tool's result, forced
+    else:  # the call up to its end token, then the tool's result, forced (a call that never ended gets none)
         calls = sample_responses(model, enc, [p + [special(CALL)] for p in prompts], 1, 0.0, 48,
                                  end_id=special(CALL_END))
-        starts = [[special(CALL), *c["tokens"][:-1], special(CALL_END), special(RESULT),
-                   *enc.encode_ordinary(run_tool(index, c["text"])), special(RESULT_END)] if c["ended"]
-                  else [special(CALL), *c["tokens"]] for c in calls]  # a call that never ended: no result
+        runner = ToolRunner(enc, index)
+        starts = [[special(CALL), *c["tokens"]] for c in calls]
+        starts = [s + (runner(s) if c["ended"] else []) for s, c in zip(starts, calls)]
     rest = sample_responses(model, enc, [p + s for p, s in zip(prompts, starts)], 1, 0.0,
                             max(1, max_new - max(map(len, starts))))
     return [enc.decode(s) + r["text"] for s, r in zip(starts, rest)]

@@ -17,6 +17,7 @@ from data import END, EOT
 from sandbox import EXEC_TIMEOUT, execute_many
 from tasks import ADMIT_RE, FOLLOW_UPS, check_rules, declines, encode_task, make_tests, utility, win_rates
 
+
 def fresh_tests(task):
     """A second, independent set of hidden tests for the same request: new inputs, expected values
     from the reference. An answer that passes task.tests but fails these has learned the tests'
