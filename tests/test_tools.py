@@ -6,7 +6,6 @@ import sysconfig
 import time
 
 import pytest
-import torch
 
 from data import (CALL, CALL_END, RESULT, RESULT_END, SPECIAL_TOKENS, encode_chat, is_val, load_tokenizer,
                   prose_of, save_tokenizer, train_bpe)
